@@ -1,0 +1,69 @@
+"""Terminal output of the main process: a rich live progress bar in a terminal, plain log lines
+otherwise (CI, files), and the end-of-run summary table."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+class TrainingConsole:
+    def __init__(self, enabled: bool, total_steps: int, start_step: int = 0):
+        self.enabled = enabled
+        # Off a terminal (CI, log files) rich would wrap at 80 columns: keep one record per line.
+        self.console = Console(soft_wrap=not sys.stdout.isatty())
+        self.interactive = enabled and sys.stdout.isatty()
+        self.progress = None
+        if self.interactive:
+            self.progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=self.console,
+            )
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, status="")
+            self.progress.start()
+
+    def print(self, *args, **kwargs) -> None:
+        if self.enabled:
+            self.console.print(*args, **kwargs)
+
+    def update(self, step: int, metrics: dict | None = None) -> None:
+        """Called every step (cheap); `metrics` only at log intervals."""
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            status = "" if metrics is None else "  ".join(
+                f"{k.split('/')[-1]} {fmt(v)}" for k, v in metrics.items() if k in SHOWN)
+            self.progress.update(self.task, completed=step, **({"status": status} if metrics else {}))
+        elif metrics is not None:
+            line = "  ".join(f"{k} {fmt(v)}" for k, v in metrics.items() if k in SHOWN or k.startswith("eval/"))
+            self.console.print(f"{time.strftime('%H:%M:%S')} step {step}  {line}", highlight=False)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def table(self, title: str, rows: list[tuple[str, object]]) -> None:
+        if not self.enabled:
+            return
+        table = Table(title=title, show_header=False)
+        table.add_column(style="bold")
+        table.add_column(justify="right")
+        for name, value in rows:
+            table.add_row(name, fmt(value))
+        self.console.print(table)
+
+
+SHOWN = ("epoch", "train/loss", "train/perplexity", "train/lr", "train/grad_norm", "train/tokens_per_s",
+         "eval/loss", "eval/perplexity", "eval/accuracy")
