@@ -123,7 +123,7 @@ def load_blocks(cfg: DataConfig, tokenizer, split: str, log=print) -> SplitBlock
     if len(blocks) == 0:
         raise DataError(f"{split} split of {source} has fewer than data.block_size={cfg.block_size} tokens")
     log(f"data {split:<10} {len(raw):>7,} lines -> {len(cleaned):>7,} non-blank -> "
-        f"{len(blocks):>6,} blocks of {cfg.block_size} ({blocks.numel():,} tokens)  [{source}]")
+        f"{len(blocks):>6,} blocks of {cfg.block_size} ({blocks.numel():,} tokens)  from {source}")
     return SplitBlocks(split, blocks, lines=len(cleaned), raw_lines=len(raw))
 
 

@@ -46,7 +46,16 @@ class TrainingStopped(RuntimeError):
 
 def train(cfg: Config, resume: str | None = None, recipe: str | None = None) -> dict:
     """Train `cfg`; `resume` is "latest", a run directory or a checkpoint. Returns the run summary."""
+    stop = StopRequest()
+    try:
+        return run_training(cfg, resume, recipe, stop)
+    finally:
+        stop.restore()
+
+
+def run_training(cfg: Config, resume: str | None, recipe: str | None, stop: StopRequest) -> dict:
     from accelerate import Accelerator
+    from accelerate import PartialState
     from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
     from transformers import get_scheduler
 
@@ -55,16 +64,27 @@ def train(cfg: Config, resume: str | None = None, recipe: str | None = None) -> 
     check_tracker_installed(cfg.log.tracker)
     resume_from = resolve_resume(resume, Path(cfg.log.output_root), cfg.name) if resume else None
 
+    # The run directory is chosen by the main process and shared, before the Accelerator needs it.
+    if PartialState(cpu=not cuda_in_use()).is_main_process:
+        try:
+            shared = [prepare_run_dir(cfg, resume_from), None]
+        except ConfigError as e:
+            shared = [None, str(e)]
+    else:
+        shared = [None, None]
+    run_dir, error = broadcast_object_list(shared)
+    if error:
+        raise ConfigError(error)
     accelerator = Accelerator(
+        cpu=not cuda_in_use(),
         mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with=None if cfg.log.tracker == "none" else cfg.log.tracker,
+        project_dir=str(run_dir),
         step_scheduler_with_optimizer=False,  # we step it once per optimizer step, whatever the process count
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
     )
     is_main = accelerator.is_main_process
-    run_dir = broadcast_object_list([prepare_run_dir(cfg, resume_from) if is_main else None])[0]
-    accelerator.project_configuration.set_directories(str(run_dir))
     console = TrainingConsole(is_main, total_steps=0)
     console.print(f"run [bold]{run_dir.name}[/bold]  dir {run_dir}  processes {accelerator.num_processes}  "
                   f"device {accelerator.device}  precision {accelerator.mixed_precision}")
@@ -129,7 +149,6 @@ def train(cfg: Config, resume: str | None = None, recipe: str | None = None) -> 
                   f"{accelerator.num_processes} proc)" + (f", stopping at step {last_step}" if last_step < total_steps else ""))
 
     # ---------------------------------------------------------------- train
-    stop = StopRequest()
     tokens_per_batch = cfg.train.batch_size * cfg.data.block_size * accelerator.num_processes
     interval, grad_norms = MLMTotals(), []  # since the last log line
     interval_time = interval_tokens = 0.0
@@ -276,7 +295,6 @@ def train(cfg: Config, resume: str | None = None, recipe: str | None = None) -> 
     accelerator.free_memory()
     gc.collect()
     accelerator.end_training()
-    stop.restore()
     return summary
 
 
@@ -334,9 +352,14 @@ def build_optimizer(model, cfg: Config, device) -> torch.optim.Optimizer:
 # --------------------------------------------------------------------------- set-up helpers
 
 
+def cuda_in_use() -> bool:
+    """CUDA is there and not switched off (accelerate's use_cpu / ACCELERATE_USE_CPU)."""
+    return torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
+
+
 def resolve_mixed_precision(choice: str) -> str:
     """'auto' -> bf16 where it is fast (CUDA with bf16, a CPU with avx512_bf16/AMX), else fp32."""
-    use_cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
+    use_cuda = cuda_in_use()
     if choice == "fp16" and not use_cuda:
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU (Accelerate would silently train in fp32 "
                           "on CPU); use --train.mixed_precision=bf16 or no")

@@ -119,7 +119,7 @@ def use_fast_dropout(model: BertForMaskedLM) -> None:
     for name, child in list(model.named_modules()):
         for attr, sub in list(child.named_children()):
             if type(sub) is nn.Dropout:
-                setattr(child, attr, FastDropout(sub.p))
+                setattr(child, attr, FastDropout(sub.p).train(sub.training))
     if model.config._attn_implementation == "sdpa":
         model.set_attn_implementation(ATTENTION_WITH_FAST_DROPOUT)
 

@@ -1,0 +1,127 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertForMaskedLM, BertModel
+
+from trainer.config import ModelConfig
+from trainer.data import IndexedBlocks, MLMCollator, dense_labels, eval_collator
+from trainer.evaluate import evaluate_mlm
+from trainer.metrics import MLMTotals, perplexity
+from trainer.model import ModelError, SparseMLM, build_model, check_block_size, fast_dropout, use_fast_dropout
+
+
+def tiny_bert(vocab=40, dropout=0.0, seed=0) -> BertForMaskedLM:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    return BertForMaskedLM(config)
+
+
+def test_perplexity_matches_a_hand_computation():
+    # Two masked tokens, vocabulary of 3: CE_i = -log softmax(logits_i)[label_i].
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
+    labels = torch.tensor([0, 1])
+    by_hand = [-(l[y] - math.log(sum(math.exp(v) for v in l))) for l, y in zip(logits.tolist(), labels.tolist())]
+    totals = MLMTotals()
+    totals.add(F.cross_entropy(logits, labels, reduction="none"), logits.argmax(-1) == labels)
+    metrics = totals.compute("eval")
+    assert metrics["eval/loss"] == pytest.approx(sum(by_hand) / 2, rel=1e-6)
+    assert metrics["eval/perplexity"] == pytest.approx(math.exp(sum(by_hand) / 2), rel=1e-6)
+    assert metrics["eval/accuracy"] == 0.5 and metrics["eval/masked_tokens"] == 2
+
+
+def test_perplexity_overflow_guard():
+    assert perplexity(2.0) == pytest.approx(math.exp(2.0))
+    assert perplexity(800.0) == math.inf and perplexity(float("nan")) == math.inf
+
+
+def test_sparse_head_equals_the_dense_hf_loss_and_gradients(tiny_tokenizer):
+    model = tiny_bert(len(tiny_tokenizer))
+    blocks = torch.randint(5, len(tiny_tokenizer), (4, 16), dtype=torch.int32)
+    batch = MLMCollator(tiny_tokenizer)([(i, blocks[i]) for i in range(4)])
+
+    dense = model(input_ids=batch["input_ids"], labels=dense_labels(batch)).loss
+    dense.backward()
+    dense_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    token_loss, _ = SparseMLM(model)(**batch)
+    token_loss.mean().backward()
+    assert token_loss.mean().item() == pytest.approx(dense.item(), abs=1e-6)
+    for name, param in model.named_parameters():
+        assert torch.allclose(param.grad, dense_grads[name], atol=1e-6), name
+
+
+def test_evaluate_matches_a_hand_computation_with_the_dense_model(tiny_tokenizer):
+    from accelerate import Accelerator
+
+    model = tiny_bert(len(tiny_tokenizer)).eval()
+    blocks = torch.randint(5, len(tiny_tokenizer), (5, 16), dtype=torch.int32)
+    collator = eval_collator(tiny_tokenizer, 0.3)
+    loader = torch.utils.data.DataLoader(IndexedBlocks(blocks), batch_size=2, collate_fn=collator)
+    metrics = evaluate_mlm(SparseMLM(model), loader, Accelerator(cpu=True))
+
+    # By hand: dense HF logits at every position, CE summed in float64 over labelled positions.
+    batch = collator([(i, blocks[i]) for i in range(5)])
+    labels = dense_labels(batch)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"]).logits.double()
+    chosen = labels != -100
+    log_probs = logits.log_softmax(-1)[chosen]
+    targets = labels[chosen]
+    ce = -log_probs[torch.arange(len(targets)), targets]
+    assert metrics["eval/masked_tokens"] == len(targets)
+    assert metrics["eval/loss"] == pytest.approx(ce.mean().item(), rel=1e-5)
+    assert metrics["eval/perplexity"] == pytest.approx(math.exp(ce.mean().item()), rel=1e-5)
+    assert metrics["eval/accuracy"] == pytest.approx((log_probs.argmax(-1) == targets).double().mean().item())
+
+
+def test_scratch_model_size_and_vocab_check():
+    model, report = build_model(ModelConfig(), vocab_size=30522)
+    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert 9.5e6 < n < 11e6 and report.new_weights == []
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight  # tied
+    with pytest.raises(ModelError, match="exceeds the model's max_position_embeddings=512"):
+        check_block_size(model, 1024)
+
+
+def test_encoder_only_checkpoint_gets_a_new_tied_head(tmp_path):
+    torch.manual_seed(0)
+    encoder = BertModel(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32, max_position_embeddings=32))
+    encoder.save_pretrained(tmp_path / "enc")
+    model, report = build_model(ModelConfig(pretrained=str(tmp_path / "enc")), vocab_size=40)
+    assert any(w.startswith("cls.predictions.transform") for w in report.new_weights)
+    assert not any(w.startswith("bert.encoder") for w in report.new_weights)
+    assert any("pooler" in w for w in report.unused_weights)
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight, encoder.embeddings.word_embeddings.weight)
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    with pytest.raises(ModelError, match="tokenizer has 50 tokens but the model's embeddings have 40 rows"):
+        build_model(ModelConfig(pretrained=str(tmp_path / "enc")), vocab_size=50)
+    with pytest.raises(ModelError, match="could not load model"):
+        build_model(ModelConfig(pretrained=str(tmp_path / "nothing")), vocab_size=40)
+
+
+def test_fast_dropout_keeps_the_dropout_distribution():
+    torch.manual_seed(0)
+    x = torch.ones(200_000)
+    y = fast_dropout(x, 0.1)
+    assert (y == 0).float().mean().item() == pytest.approx(0.1, abs=0.003)
+    assert y.mean().item() == pytest.approx(1.0, abs=0.01)  # inverted scaling keeps the expectation
+    assert torch.unique(y).tolist() == [0.0, pytest.approx(1 / 0.9)]
+
+
+def test_fast_dropout_model_is_unchanged_in_eval_and_trains(tiny_tokenizer):
+    plain = tiny_bert(len(tiny_tokenizer), dropout=0.1).eval()
+    fast = tiny_bert(len(tiny_tokenizer), dropout=0.1).eval()
+    use_fast_dropout(fast)
+    ids = torch.randint(5, len(tiny_tokenizer), (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, fast(input_ids=ids).logits, atol=1e-5)
+    fast.train()
+    out1, out2 = fast(input_ids=ids).logits, fast(input_ids=ids).logits
+    assert not torch.allclose(out1, out2)  # dropout is active in training
+    out1.sum().backward()
+    assert fast.bert.encoder.layer[0].attention.self.query.weight.grad is not None

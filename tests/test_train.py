@@ -1,0 +1,193 @@
+"""End-to-end training runs of a tiny model, in process."""
+
+import errno
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer.checkpoint import CheckpointError, list_checkpoints, read_state
+from trainer.config import ConfigError
+from trainer.loop import TrainingStopped, train
+from trainer.tracking import read_jsonl
+
+
+def records(run_dir, prefix):
+    return [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if f"{prefix}/loss" in r]
+
+
+def test_short_run_learns_and_saves_a_loadable_model(make_config):
+    cfg = make_config(train={"eval_every": 10, "epochs": 3}, log={"run_name": "learn"})
+    summary = train(cfg)
+    run_dir = Path(cfg.log.output_root) / "learn"
+    evals = records(run_dir, "eval")
+    assert evals[-1]["eval/loss"] < evals[0]["eval/loss"] - 0.5  # eval loss falls
+    assert summary["final/eval_loss"] == pytest.approx(evals[-1]["eval/loss"])
+    assert summary["final/eval_perplexity"] == pytest.approx(math.exp(summary["final/eval_loss"]))
+    train_records = records(run_dir, "train")
+    assert [r["step"] for r in train_records] == list(range(1, summary["steps"] + 1))
+    for key in ("train/lr", "train/grad_norm", "train/perplexity", "train/accuracy", "train/tokens_per_s", "epoch", "tokens"):
+        assert key in train_records[-1]
+    lrs = [r["train/lr"] for r in train_records]  # 10% linear warmup, then linear decay to 0
+    peak = lrs.index(max(lrs))
+    assert peak == round(0.1 * summary["steps"]) - 1 and lrs[-1] == 0.0
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == summary["steps"]
+
+    from transformers import pipeline
+
+    fill = pipeline("fill-mask", model=str(run_dir / "model"))
+    predictions = fill("the big cat [MASK] a dog .")
+    assert len(predictions) == 5 and all(p["token_str"] for p in predictions)
+    config = json.loads((run_dir / "model" / "config.json").read_text())
+    assert config["architectures"] == ["BertForMaskedLM"]
+    samples = json.loads((run_dir / "samples_fill_mask.json").read_text())
+    assert samples["rows"][0][0] == cfg.log.probes[0]
+
+
+def test_wandb_offline_run_is_written(make_config, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = make_config(train={"epochs": 1, "max_steps": 3}, log={"tracker": "wandb", "run_name": "wb"})
+    train(cfg)
+    run_dir = Path(cfg.log.output_root) / "wb"
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1
+    assert list(offline_runs[0].glob("*.wandb")) and offline_runs[0].name.endswith("-wb")
+
+
+def test_tensorboard_tracker_writes_events(make_config):
+    cfg = make_config(train={"epochs": 1, "max_steps": 2}, log={"tracker": "tensorboard", "run_name": "tb"})
+    train(cfg)
+    assert list((Path(cfg.log.output_root) / "tb").rglob("events.out.tfevents*"))
+
+
+def final_params(run_dir):
+    return load_file(str(Path(run_dir) / "model" / "model.safetensors"))
+
+
+def test_resume_mid_epoch_is_exact(make_config, tmp_path):
+    # Dropout on, so the per-step RNG reseeding is exercised too.
+    model = {"dropout": 0.1}
+    straight = make_config(model=model, train={"max_steps": 14}, log={"run_name": "straight"})
+    train(straight)
+    first = make_config(model=model, train={"max_steps": 5, "save_every": 5}, log={"run_name": "split"})
+    train(first)
+    split_dir = Path(first.log.output_root) / "split"
+    assert read_state(list_checkpoints(split_dir)[-1]).batches_in_epoch == 5  # mid-epoch
+    second = make_config(model=model, train={"max_steps": 14}, log={"run_name": "split"})
+    train(second, resume=str(split_dir))
+
+    a, b = records(Path(straight.log.output_root) / "straight", "train"), records(split_dir, "train")
+    assert [r["step"] for r in b] == [r["step"] for r in a] == list(range(1, 15))
+    max_loss_diff = max(abs(x["train/loss"] - y["train/loss"]) for x, y in zip(a, b))
+    pa, pb = final_params(Path(straight.log.output_root) / "straight"), final_params(split_dir)
+    max_param_diff = max((pa[k] - pb[k]).abs().max().item() for k in pa)
+    print(f"resume equivalence: max |loss diff| {max_loss_diff:.2e}, max |param diff| {max_param_diff:.2e}")
+    assert max_loss_diff < 1e-5 and max_param_diff < 1e-6
+
+
+def test_resume_latest_and_errors(make_config, tmp_path):
+    cfg = make_config(train={"max_steps": 4, "save_every": 2}, log={"run_name": None})
+    train(cfg)
+    cfg.train.max_steps = 6
+    summary = train(cfg, resume="latest")
+    assert summary["steps"] == 6
+    with pytest.raises(CheckpointError, match="not a checkpoint, nor a run directory"):
+        train(cfg, resume=str(tmp_path / "nothing"))
+    run_dir = Path(summary["model_dir"]).parent
+    bigger = make_config(model={"hidden_size": 48}, train={"max_steps": 8})
+    with pytest.raises(CheckpointError, match="cannot load checkpoint .*different model/recipe"):
+        train(bigger, resume=str(run_dir))
+    latest = list_checkpoints(run_dir)[-1]
+    (latest / "model.safetensors").write_bytes(b"garbage")
+    cfg.train.max_steps = 8
+    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
+        train(cfg, resume=str(latest))
+
+
+def test_checkpoints_keep_last_k_plus_best(make_config):
+    cfg = make_config(train={"save_every": 2, "eval_every": 3, "keep_last": 2, "max_steps": 14},
+                      log={"run_name": "keep"})
+    train(cfg)
+    run_dir = Path(cfg.log.output_root) / "keep"
+    kept = list_checkpoints(run_dir)
+    steps = [read_state(p).step for p in kept]
+    evaluated = {r["step"]: r["eval/loss"] for r in records(run_dir, "eval")}
+    best_step = min(evaluated, key=evaluated.get)
+    assert steps[-2:] == [12, 14] and best_step in steps and len(kept) <= 3
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+def test_nonfinite_loss_is_skipped_or_stops(make_config, monkeypatch, capsys):
+    from trainer.model import SparseMLM
+
+    calls = {"n": 0}
+    forward = SparseMLM.forward
+
+    def poisoned(self, *args, **kwargs):
+        calls["n"] += 1
+        token_loss, correct = forward(self, *args, **kwargs)
+        return (token_loss * float("nan") if calls["n"] == 4 else token_loss), correct
+
+    monkeypatch.setattr(SparseMLM, "forward", poisoned)
+    cfg = make_config(train={"max_steps": 6, "on_nonfinite": "skip"}, log={"run_name": "skip"})
+    summary = train(cfg)
+    assert summary["steps"] == 6 and "update skipped" in capsys.readouterr().out
+    assert all(torch.isfinite(t).all() for t in final_params(Path(cfg.log.output_root) / "skip").values())
+
+    calls["n"] = 0
+    cfg = make_config(train={"max_steps": 6, "save_every": 2, "on_nonfinite": "stop"}, log={"run_name": "stop"})
+    with pytest.raises(TrainingStopped, match="non-finite loss or gradient norm"):
+        train(cfg)
+    kept = list_checkpoints(Path(cfg.log.output_root) / "stop")
+    assert [read_state(p).step for p in kept] == [2]  # the good checkpoint is intact
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(make_config, monkeypatch, capsys):
+    from accelerate import Accelerator
+
+    saves = {"n": 0}
+    save_state = Accelerator.save_state
+
+    def failing_save(self, output_dir=None, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 2:
+            Path(output_dir, "model.safetensors").write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_state(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", failing_save)
+    cfg = make_config(train={"max_steps": 6, "save_every": 2, "epochs": 1}, log={"run_name": "full"})
+    summary = train(cfg)
+    assert summary["steps"] == 6
+    assert "checkpoint at step 4 NOT saved (No space left on device)" in capsys.readouterr().out
+    run_dir = Path(cfg.log.output_root) / "full"
+    assert [read_state(p).step for p in list_checkpoints(run_dir)] == [2, 6]
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+def test_fp16_on_cpu_and_unwritable_output_are_refused(make_config, tmp_path):
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        train(make_config(train={"mixed_precision": "fp16"}))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match="cannot write to output directory"):
+        train(make_config(log={"output_root": str(tmp_path / "a_file" / "runs")}))
+
+
+def test_bf16_autocast_trains_on_cpu(make_config):
+    summary = train(make_config(train={"mixed_precision": "bf16", "max_steps": 4, "epochs": 1}))
+    assert math.isfinite(summary["final/eval_loss"])
+
+
+def test_gradient_accumulation_equals_a_bigger_batch(make_config):
+    big = make_config(train={"batch_size": 8, "max_steps": 6}, log={"run_name": "b8"})
+    accumulated = make_config(train={"batch_size": 4, "grad_accum": 2, "max_steps": 6}, log={"run_name": "b4x2"})
+    train(big)
+    train(accumulated)
+    root = Path(big.log.output_root)
+    a, b = records(root / "b8", "train"), records(root / "b4x2", "train")
+    assert max(abs(x["train/loss"] - y["train/loss"]) for x, y in zip(a, b)) < 1e-5
+    pa, pb = final_params(root / "b8"), final_params(root / "b4x2")
+    assert max((pa[k] - pb[k]).abs().max().item() for k in pa) < 1e-5
