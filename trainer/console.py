@@ -67,3 +67,13 @@ class TrainingConsole:
 
 SHOWN = ("epoch", "train/loss", "train/perplexity", "train/lr", "train/grad_norm", "train/tokens_per_s",
          "eval/loss", "eval/perplexity", "eval/accuracy")
+
+
+def quiet_libraries() -> None:
+    import logging
+
+    import transformers
+
+    # Accelerate warns on every save that the tied decoder weight is stored once; that is expected.
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+    transformers.utils.logging.disable_progress_bar()

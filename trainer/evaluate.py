@@ -39,18 +39,41 @@ def evaluate_mlm(model, loader, accelerator) -> dict[str, float]:
     return MLMTotals(loss_sum, int(tokens), int(correct)).compute("eval")
 
 
-def main(argv: list[str] | None = None) -> int:
+def evaluate_model(name: str, data_cfg, split: str = "validation", batch_size: int = 16,
+                   tokenizer_name: str | None = None, mixed_precision: str = "no", log=print) -> dict[str, float]:
+    """Metrics of a saved model directory or Hub id on a split, with the fixed evaluation masks."""
     from accelerate import Accelerator
+
+    from trainer.config import ModelConfig
+    from trainer.data import IndexedBlocks, eval_collator, load_blocks, load_tokenizer
+    from trainer.model import SparseMLM, build_model, check_block_size
+
+    tokenizer = load_tokenizer(tokenizer_name or name)
+    blocks = load_blocks(data_cfg, tokenizer, split, log=log).blocks
+    model, _ = build_model(ModelConfig(pretrained=name), len(tokenizer))
+    check_block_size(model, data_cfg.block_size)
+    loader = torch.utils.data.DataLoader(IndexedBlocks(blocks), batch_size=batch_size,
+                                         collate_fn=eval_collator(tokenizer, data_cfg.mlm_probability))
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    model, loader = accelerator.prepare(SparseMLM(model), loader)
+    metrics = evaluate_mlm(model, loader, accelerator)
+    accelerator.free_memory()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
+
+    from trainer.console import quiet_libraries
     from rich.table import Table
 
     from trainer.config import DataConfig
-    from trainer.data import DataError, IndexedBlocks, eval_collator, load_blocks, load_tokenizer
-    from trainer.model import ModelError, SparseMLM, build_model, check_block_size
-    from trainer.config import ModelConfig
+    from trainer.data import DataError
+    from trainer.fillmask import model_dir
+    from trainer.model import ModelError
 
     parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("models", nargs="+", help="saved model directories (a run's model/) or Hub ids")
+    parser.add_argument("models", nargs="+", help="run directories, saved model directories or Hub ids")
     parser.add_argument("--split", choices=["validation", "test"], default="validation")
     parser.add_argument("--dataset", default=DataConfig.dataset, help="Hub dataset name or local directory")
     parser.add_argument("--dataset-config", default=DataConfig.dataset_config)
@@ -60,29 +83,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-blocks", type=int, default=None)
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     args = parser.parse_args(argv)
+    quiet_libraries()
 
     console = Console()
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    data_cfg = DataConfig(dataset=args.dataset, dataset_config=args.dataset_config, block_size=args.block_size,
+                          max_eval_blocks=args.max_blocks)
     table = Table(title=f"MLM evaluation on {args.split} ({args.dataset})")
     for column in ("model", "loss", "perplexity", "accuracy", "masked tokens"):
         table.add_column(column, justify="left" if column == "model" else "right")
     try:
         for name in args.models:
-            tokenizer = load_tokenizer(args.tokenizer or name)
-            data_cfg = DataConfig(dataset=args.dataset, dataset_config=args.dataset_config,
-                                  block_size=args.block_size, max_eval_blocks=args.max_blocks)
-            split = load_blocks(data_cfg, tokenizer, args.split, log=console.print)
-            model, _ = build_model(ModelConfig(pretrained=name), len(tokenizer))
-            check_block_size(model, args.block_size)
-            loader = torch.utils.data.DataLoader(
-                IndexedBlocks(split.blocks), batch_size=args.batch_size,
-                collate_fn=eval_collator(tokenizer, DataConfig.mlm_probability),
-            )
-            model, loader = accelerator.prepare(SparseMLM(model), loader)
-            metrics = evaluate_mlm(model, loader, accelerator)
+            metrics = evaluate_model(model_dir(name), data_cfg, args.split, args.batch_size, args.tokenizer,
+                                     args.mixed_precision, log=console.print)
             table.add_row(name, f"{metrics['eval/loss']:.4f}", f"{metrics['eval/perplexity']:.2f}",
                           f"{metrics['eval/accuracy']:.4f}", f"{metrics['eval/masked_tokens']:,}")
-            accelerator.free_memory()
     except (DataError, ModelError) as e:
         console.print(f"[red]error:[/red] {e}")
         return 2

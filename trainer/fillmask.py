@@ -50,6 +50,9 @@ def model_dir(path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
+
+    from trainer.console import quiet_libraries
+    from rich.markup import escape
     from rich.table import Table
     from transformers import AutoModelForMaskedLM
 
@@ -61,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=LogConfig.fill_mask_top_k)
     parser.add_argument("--wandb", action="store_true", help="also log the table to a W&B run")
     args = parser.parse_args(argv)
+    quiet_libraries()
     probes = args.probe or LogConfig().probes
 
     console = Console()
@@ -79,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = comparison_rows(labels, probes, per_model)
     table = Table(title=f"fill-mask top-{args.top_k}", show_lines=True)
     for column in ["probe", *labels]:
-        table.add_column(column, overflow="fold")
+        table.add_column(escape(column), overflow="fold")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*map(escape, row))  # "[MASK]" is not rich markup
     console.print(table)
     if args.wandb:
         import wandb

@@ -31,7 +31,7 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.config import Config, ConfigError
-from trainer.console import TrainingConsole
+from trainer.console import TrainingConsole, quiet_libraries
 from trainer.data import IndexedBlocks, MLMCollator, eval_collator, load_blocks, load_tokenizer
 from trainer.evaluate import evaluate_mlm
 from trainer.fillmask import fill_mask
@@ -435,19 +435,10 @@ def log_samples(cfg: Config, model_dir: Path, tracker: RunTracker, console: Trai
     results = fill_mask(model, tokenizer, cfg.log.probes, cfg.log.fill_mask_top_k)
     rows = []
     for probe, predictions in zip(cfg.log.probes, results):
-        console.print(f"  {probe}  ->  " + ", ".join(f"{tok} ({p:.2f})" for tok, p in predictions), highlight=False)
+        console.print(f"  {probe}  ->  " + ", ".join(f"{tok} ({p:.2f})" for tok, p in predictions),
+                      markup=False, highlight=False)
         rows.append([probe, ", ".join(tok for tok, _ in predictions), predictions[0][0], round(predictions[0][1], 4)])
     tracker.log_table("samples/fill_mask", ["probe", "top_k", "top_1", "top_1_prob"], rows, step)
-
-
-def quiet_libraries() -> None:
-    import logging
-
-    import transformers
-
-    # Accelerate warns on every save that the tied decoder weight is stored once; that is expected.
-    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
-    transformers.utils.logging.disable_progress_bar()
 
 
 class StopRequest:

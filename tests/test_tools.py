@@ -1,0 +1,126 @@
+"""Fine-tuning, the evaluate / fill-mask / compare commands, the Makefile's offline helper, and the
+accelerate configs."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from trainer.config import DataConfig
+from trainer.data import IndexedBlocks, dense_labels, eval_collator, load_blocks, load_tokenizer
+from trainer.loop import train
+from trainer.tracking import read_jsonl
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_corpus_dir, tiny_tokenizer_dir):
+    from accelerate.state import AcceleratorState, GradientState
+
+    from conftest import tiny_config
+
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = tiny_config(tmp, tiny_corpus_dir, tiny_tokenizer_dir, train={"epochs": 1}, log={"run_name": "base"})
+    train(cfg)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return Path(cfg.log.output_root) / "base"
+
+
+def test_finetune_from_a_saved_checkpoint_lowers_eval_loss(trained_run, make_config, tiny_corpus_dir):
+    from trainer.evaluate import evaluate_model
+
+    data = DataConfig(dataset=str(tiny_corpus_dir), block_size=32)
+    before = evaluate_model(str(trained_run / "model"), data, log=lambda *_: None)["eval/loss"]
+    cfg = make_config(model={"pretrained": str(trained_run / "model")}, optim={"lr": 1e-3},
+                      train={"epochs": 2}, log={"run_name": "ft"})
+    summary = train(cfg)
+    assert summary["final/eval_loss"] < before - 0.05
+
+
+def test_evaluate_command_matches_a_hand_computation(trained_run, tiny_corpus_dir, capsys):
+    from transformers import BertForMaskedLM
+
+    from trainer.evaluate import evaluate_model, main
+
+    data = DataConfig(dataset=str(tiny_corpus_dir), block_size=32, max_eval_blocks=6)
+    metrics = evaluate_model(str(trained_run / "model"), data, split="test", batch_size=4, log=lambda *_: None)
+
+    tokenizer = load_tokenizer(str(trained_run / "model"))
+    blocks = load_blocks(data, tokenizer, "test", log=lambda *_: None).blocks
+    batch = eval_collator(tokenizer, 0.15)([(i, blocks[i]) for i in range(len(blocks))])
+    model = BertForMaskedLM.from_pretrained(trained_run / "model").eval()
+    with torch.no_grad():
+        loss = model(input_ids=batch["input_ids"], labels=dense_labels(batch)).loss.item()
+    assert metrics["eval/masked_tokens"] == len(batch["mlm_labels"])
+    assert metrics["eval/loss"] == pytest.approx(loss, rel=1e-5)
+
+    assert main([str(trained_run), "--split", "test", "--dataset", str(tiny_corpus_dir), "--block-size", "32",
+                 "--max-blocks", "6"]) == 0
+    assert f"{metrics['eval/loss']:.4f}" in capsys.readouterr().out
+    assert main(["/no/such/model", "--dataset", str(tiny_corpus_dir)]) == 2
+
+
+def test_fill_mask_comparison_table(trained_run, capsys, monkeypatch):
+    from trainer.fillmask import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main([str(trained_run), str(trained_run / "model"), "--probe", "the big [MASK] sees a dog .",
+                 "--top-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "the big [MASK] sees a dog ." in out and out.count("(0.") >= 4  # 2 models x top-2 with scores
+
+
+def test_compare_report_from_two_learning_rates(make_config, tmp_path, capsys):
+    from trainer.compare import main
+
+    for name, lr in (("lr_low", 1e-3), ("lr_high", 5e-3)):
+        train(make_config(optim={"lr": lr}, train={"max_steps": 6, "eval_every": 3}, log={"run_name": name}))
+    root = Path(make_config().log.output_root)
+    out = tmp_path / "report"
+    assert main([str(root / "lr_low"), str(root / "lr_high"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "optim.lr" in printed and "0.001" in printed and "0.005" in printed
+    for png in ("curves_vs_step.png", "curves_vs_tokens.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "optim.lr" in page and "lr_high" in page
+
+
+def test_compare_reads_a_wandb_offline_run(make_config, monkeypatch):
+    from trainer.compare import load_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = make_config(train={"max_steps": 3}, log={"tracker": "wandb", "run_name": "wbonly"})
+    train(cfg)
+    run_dir = Path(cfg.log.output_root) / "wbonly"
+    from_jsonl = [r["train/loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
+    (run_dir / "metrics.jsonl").unlink()
+    run = load_run(run_dir)
+    assert run.series("train/loss", "step")[1] == pytest.approx(from_jsonl)
+
+
+def test_hub_helper_uses_local_copies_offline(tmp_path, monkeypatch, capsys):
+    from trainer import hub
+
+    shared = tmp_path / "data"
+    for d in ("wikitext-2-raw-v1", "wikitext-2-v1", "bert-base-uncased"):
+        (shared / d).mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("SHARED_DATA", str(shared))
+    hub.main(["scratch"])
+    out = capsys.readouterr()
+    assert f"--data.dataset={shared}/wikitext-2-raw-v1" in out.out
+    assert f"--data.train_dataset={shared}/wikitext-2-v1" in out.out and "Hub unreachable" in out.err
+    hub.main(["finetune"])
+    out = capsys.readouterr()
+    if hub.offline_encoder() is not None:
+        assert "--model.pretrained=" in out.out and "NEW MLM head" in out.err
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "accelerate_configs").glob("*.yaml")))
+def test_accelerate_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "accelerate_configs" / name))
+    assert config.num_processes >= 1 and config.distributed_type is not None

@@ -1,0 +1,249 @@
+"""Compare runs offline: a summary table, config differences, PNG plots and one HTML report.
+
+    python -m trainer.compare runs/scratch-20261124-031000 runs/finetune-20261124-040000 [--out DIR]
+    make compare RUNS="runs/a runs/b"
+
+Reads each run directory's `metrics.jsonl`, `config.json` and `summary.json`; a directory with only
+a W&B offline run (`wandb/offline-run-*/*.wandb`) is read from that instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import math
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.tracking import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, flatten, read_jsonl
+
+PANELS = [  # (title, [(metric, line label)], log scale?)
+    ("MLM loss", [("train/loss", "train"), ("eval/loss", "val")], False),
+    ("perplexity", [("train/perplexity", "train"), ("eval/perplexity", "val")], True),
+    ("learning rate", [("train/lr", "lr")], False),
+    ("gradient norm (before clipping)", [("train/grad_norm", "grad norm")], True),
+]
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    records: list[dict]
+    config: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+
+    def series(self, metric: str, axis: str) -> tuple[list[float], list[float]]:
+        points = [(r[axis], r[metric]) for r in self.records if metric in r and axis in r and r[metric] is not None]
+        points = [(x, y) for x, y in points if isinstance(y, (int, float)) and math.isfinite(y)]
+        return [x for x, _ in points], [y for _, y in points]
+
+    def last(self, metric: str):
+        values = [r[metric] for r in self.records if r.get(metric) is not None]
+        return values[-1] if values else None
+
+    def best(self, metric: str):
+        values = [r[metric] for r in self.records if isinstance(r.get(metric), (int, float))]
+        return min(values) if values else None
+
+
+class CompareError(ValueError):
+    pass
+
+
+def load_run(path: Path) -> Run:
+    path = Path(path)
+    if not path.is_dir():
+        raise CompareError(f"{path} is not a run directory")
+    records = read_jsonl(path / METRICS_FILE)
+    if not records:
+        records = read_wandb_offline(path)
+    if not records:
+        raise CompareError(f"{path} has no {METRICS_FILE} and no W&B offline run with metrics")
+    config = json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).is_file() else {}
+    summary = json.loads((path / SUMMARY_FILE).read_text()) if (path / SUMMARY_FILE).is_file() else {}
+    return Run(path.name, path, records, config, summary)
+
+
+def read_wandb_offline(path: Path) -> list[dict]:
+    """History rows of the newest W&B offline run under `path`."""
+    files = sorted(Path(path).glob("wandb/offline-run-*/*.wandb")) + sorted(Path(path).glob("offline-run-*/*.wandb"))
+    if not files:
+        return []
+    from wandb.proto import wandb_internal_pb2
+
+    rows = []
+    for data in wandb_log_records(files[-1]):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        if record.WhichOneof("record_type") == "history":
+            row = {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in record.history.item}
+            rows.append({k: v for k, v in row.items() if not k.startswith("_")})
+    return rows
+
+
+def wandb_log_records(path: Path):
+    """Payloads of a .wandb file: a 7-byte header (":W&B", magic, version), then a leveldb-style log of
+    32 KiB blocks whose records have a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last)."""
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        return
+    block, pos, pending = 32768, 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is zero padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            yield chunk
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            yield pending + chunk
+            pending = b""
+
+
+def config_differences(runs: list[Run]) -> dict[str, list]:
+    flat = [flatten({k: v for k, v in run.config.items() if k != "run_id"}) for run in runs]
+    keys = sorted(set().union(*flat))
+    return {k: [f.get(k) for f in flat] for k in keys if len({json.dumps(f.get(k)) for f in flat}) > 1}
+
+
+def summary_rows(runs: list[Run]) -> list[tuple[str, list]]:
+    def pick(run: Run, summary_key: str, metric: str, best=False):
+        value = run.summary.get(summary_key)
+        return value if value is not None else (run.best(metric) if best else run.last(metric))
+
+    return [
+        ("steps", [run.summary.get("steps", run.last("step")) for run in runs]),
+        ("tokens seen", [run.summary.get("tokens_seen", run.last("tokens")) for run in runs]),
+        ("final train loss", [run.last("train/loss") for run in runs]),
+        ("final val loss", [pick(run, "final/eval_loss", "eval/loss") for run in runs]),
+        ("best val loss", [pick(run, "best/eval_loss", "eval/loss", best=True) for run in runs]),
+        ("final val perplexity", [pick(run, "final/eval_perplexity", "eval/perplexity") for run in runs]),
+        ("best val perplexity", [pick(run, "best/eval_perplexity", "eval/perplexity", best=True) for run in runs]),
+        ("final val accuracy", [pick(run, "final/eval_accuracy", "eval/accuracy") for run in runs]),
+        ("train tokens/s", [run.summary.get("train/tokens_per_s") or run.last("train/tokens_per_s") for run in runs]),
+        ("wall time (s)", [run.summary.get("wall_time_s") for run in runs]),
+        ("parameters", [run.summary.get("parameters") for run in runs]),
+    ]
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def plot(runs: list[Run], axis: str, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (title, metrics, log_scale) in zip(axes.flat, PANELS):
+        for i, run in enumerate(runs):
+            for metric, label in metrics:
+                xs, ys = run.series(metric, axis)
+                if xs:
+                    style = dict(marker="o", markersize=3, linestyle="--") if metric.startswith("eval/") else dict(linewidth=1.2, alpha=0.85)
+                    ax.plot(xs, ys, color=colors[i % len(colors)], label=f"{run.name} {label}", **style)
+        ax.set_title(title)
+        ax.set_xlabel("optimizer steps" if axis == "step" else "tokens seen")
+        if log_scale:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{len(runs)} runs vs {'step' if axis == 'step' else 'tokens'}", fontsize=13)
+    fig.tight_layout()
+    path = out / f"curves_vs_{axis}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def html_table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(c) if not isinstance(c, str) else c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_html(runs: list[Run], rows, diffs, images: list[Path], out: Path) -> Path:
+    embedded = "".join(
+        f'<h2>{html.escape(p.stem.replace("_", " "))}</h2><img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+        for p in images)
+    names = [run.name for run in runs]
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Run comparison</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
+img{{max-width:100%}}</style></head><body>
+<h1>Run comparison</h1><p>{html.escape(", ".join(str(r.path) for r in runs))} &mdash; {time.strftime('%Y-%m-%d %H:%M')}</p>
+<h2>Summary</h2>{html_table(["", *names], [[k, *v] for k, v in rows])}
+<h2>Config differences</h2>{html_table(["key", *names], [[k, *map(str, v)] for k, v in diffs.items()]) if diffs else "<p>none</p>"}
+{embedded}</body></html>"""
+    path = out / "report.html"
+    path.write_text(page)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    parser = argparse.ArgumentParser(prog="python -m trainer.compare", description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", help="run directories (runs/<name>)")
+    parser.add_argument("--out", default=None, help="report directory (default reports/compare-<time>)")
+    args = parser.parse_args(argv)
+    console = Console()
+    try:
+        runs = [load_run(Path(p)) for p in args.runs]
+    except CompareError as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+    out = Path(args.out or f"reports/compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    rows, diffs = summary_rows(runs), config_differences(runs)
+    table = Table(title="runs")
+    table.add_column("")
+    for run in runs:
+        table.add_column(escape(run.name), justify="right")
+    for name, values in rows:
+        table.add_row(name, *(escape(fmt(v)) for v in values))
+    console.print(table)
+    if diffs:
+        diff_table = Table(title="config differences")
+        diff_table.add_column("key")
+        for run in runs:
+            diff_table.add_column(escape(run.name), justify="right")
+        for key, values in diffs.items():
+            diff_table.add_row(key, *(escape(str(v)) for v in values))
+        console.print(diff_table)
+    else:
+        console.print("config differences: none")
+    images = [plot(runs, "step", out), plot(runs, "tokens", out)]
+    report = write_html(runs, rows, diffs, images, out)
+    (out / "summary.json").write_text(json.dumps({"runs": [str(r.path) for r in runs], "rows": dict(rows),
+                                                  "config_differences": diffs}, indent=1, default=str))
+    console.print(f"plots: {', '.join(map(str, images))}\nreport: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
