@@ -1,0 +1,258 @@
+"""Benchmark: the plain HF training loop against this trainer's step, side by side, on the scratch model.
+
+    make bench                      # = python bench/bench.py
+    python bench/bench.py --batch 8 32 --compile --seconds 20
+
+Each variant runs in its own process (clean peak memory, no allocator state shared):
+  plain-hf        BertForMaskedLM(labels=...) in fp32: the MLM head on all 128 positions, torch AdamW
+  plain-hf+malloc the same with the glibc malloc tunables trainer/run.py sets (fairer baseline)
+  trainer         the loop's own train_step: head on masked rows only, fast dropout, fused AdamW,
+                  bf16 autocast where the CPU/GPU has it, malloc tunables
+  trainer+compile the same with torch.compile on the encoder (--compile)
+Reports tokens/s, speed-up over plain-hf, peak memory, achieved GFLOP/s and the fraction of a measured
+matmul peak, the loss agreement of the two paths on one batch, and WikiText-2 preprocessing time
+(cold and cached). Writes bench/results/bench-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"
+SEQ = 128
+
+
+def tokenizer_source() -> str:
+    local = Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data")) / "bert-base-uncased"
+    return str(local) if local.is_dir() else "bert-base-uncased"
+
+
+def model_flops_per_step(cfg, batch: int, head_rows: float) -> float:
+    """Matmul FLOPs of forward + backward (x3 of forward) for one step."""
+    h, f, layers, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    tokens = batch * SEQ
+    encoder = layers * (2 * tokens * (4 * h * h + 2 * h * f) + 2 * 2 * batch * SEQ * SEQ * h)
+    head = 2 * head_rows * (h * h + h * v)
+    return 3.0 * (encoder + head)
+
+
+def matmul_peak(dtype_name: str) -> float:
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a, b = torch.randn(2048, 2048, dtype=dtype, device=device), torch.randn(2048, 2048, dtype=dtype, device=device)
+    for _ in range(3):
+        a @ b
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < 2.0:
+        a @ b
+        n += 1
+    sync()
+    return 2 * 2048**3 * n / (time.perf_counter() - start) / 1e9
+
+
+def run_variant(variant: str, batch: int, seconds: float) -> dict:
+    """Runs inside the child process."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    from trainer.config import Config, ModelConfig
+    from trainer.data import MLMCollator, dense_labels, load_tokenizer
+    from trainer.loop import build_optimizer, resolve_mixed_precision, train_step
+    from trainer.metrics import MLMTotals
+    from trainer.model import SparseMLM, build_model, use_fast_dropout
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(tokenizer_source())
+    collator = MLMCollator(tokenizer, 0.15, seed=0)
+    blocks = torch.randint(1000, len(tokenizer), (batch * 16, SEQ), dtype=torch.int32)
+    batches = [collator([(i * batch + j, blocks[i * batch + j]) for j in range(batch)]) for i in range(16)]
+    cfg = Config(model=ModelConfig())
+    hf, _ = build_model(cfg.model, len(tokenizer))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    if variant.startswith("plain-hf"):
+        model = hf.to(device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
+        dense = [{"input_ids": b["input_ids"].to(device), "labels": dense_labels(b).to(device)} for b in batches]
+
+        def step(i):
+            loss = model(**dense[i % len(dense)]).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        precision, head_rows = "no", batch * SEQ
+    else:
+        from accelerate import Accelerator
+
+        precision = resolve_mixed_precision("auto")
+        accelerator = Accelerator(mixed_precision=precision)
+        use_fast_dropout(hf)
+        model = SparseMLM(hf)
+        if variant.endswith("compile"):
+            model.compile_encoder()
+        optimizer = build_optimizer(model, cfg, accelerator.device)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        on_device = [{k: v.to(accelerator.device) for k, v in b.items()} for b in batches]
+        totals = MLMTotals()
+
+        def step(i):
+            train_step(accelerator, model, optimizer, [on_device[i % len(on_device)]], totals, cfg, False)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        head_rows = sum(len(b["mlm_labels"]) for b in batches) / len(batches)
+
+    warmup = 8 if variant.endswith("compile") else 3
+    for i in range(warmup):
+        step(i)
+    sync()
+    start, steps = time.perf_counter(), 0
+    while steps < 5 or time.perf_counter() - start < seconds:
+        step(steps)
+        steps += 1
+    sync()
+    elapsed = time.perf_counter() - start
+    tokens_per_s = steps * batch * SEQ / elapsed
+    flops = model_flops_per_step(hf.config, batch, head_rows) * steps / elapsed / 1e9
+    peak_mem = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"variant": variant, "batch": batch, "precision": precision, "steps": steps, "seconds": elapsed,
+            "tokens_per_s": tokens_per_s, "gflops": flops, "peak_memory_mib": peak_mem,
+            "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "process RSS"}
+
+
+def loss_agreement() -> dict:
+    """Same batch, same weights: the dense HF loss vs the sparse-head loss (fp32 and the trainer's precision)."""
+    import torch
+
+    from trainer.config import ModelConfig
+    from trainer.data import MLMCollator, dense_labels, load_tokenizer
+    from trainer.loop import resolve_mixed_precision
+    from trainer.model import SparseMLM, build_model
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(tokenizer_source())
+    blocks = torch.randint(1000, len(tokenizer), (8, SEQ), dtype=torch.int32)
+    batch = MLMCollator(tokenizer, 0.15)([(i, blocks[i]) for i in range(8)])
+    hf, _ = build_model(ModelConfig(dropout=0.0), len(tokenizer))
+    dense = hf(input_ids=batch["input_ids"], labels=dense_labels(batch)).loss.item()
+    sparse = SparseMLM(hf)(**batch)[0].mean().item()
+    precision = resolve_mixed_precision("auto")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        mixed = SparseMLM(hf)(**batch)[0].mean().item()
+    return {"dense_fp32": dense, "sparse_fp32": sparse, f"sparse_{precision}": mixed,
+            "abs_diff_fp32": abs(dense - sparse), f"abs_diff_{precision}": abs(dense - mixed)}
+
+
+def preprocessing_times() -> dict | None:
+    from trainer.config import DataConfig
+    from trainer.data import DataError, load_blocks, load_tokenizer
+    from trainer.hub import local_data_overrides
+
+    shared = Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data"))
+    overrides = dict(o[2:].split("=", 1) for o in local_data_overrides(shared))
+    cfg = DataConfig(dataset=overrides.get("data.dataset", "wikitext"), train_dataset=overrides.get("data.train_dataset"))
+    tokenizer = load_tokenizer(overrides.get("data.tokenizer", "bert-base-uncased"))
+    with tempfile.TemporaryDirectory() as cache:
+        cfg.cache_dir = cache
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            try:
+                train = load_blocks(cfg, tokenizer, "train", log=lambda *_: None)
+                load_blocks(cfg, tokenizer, "validation", log=lambda *_: None)
+            except DataError as e:
+                print(f"preprocessing: skipped ({e})")
+                return None
+            times.append(time.perf_counter() - start)
+    return {"cold_s": times[0], "cached_s": times[1], "train_tokens": train.num_tokens}
+
+
+def child_env(variant: str) -> dict:
+    env = dict(os.environ)
+    env.pop("GLIBC_TUNABLES", None)
+    if variant != "plain-hf":
+        env["GLIBC_TUNABLES"] = MALLOC
+    return env
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="plain HF loop vs this trainer")
+    parser.add_argument("--batch", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--seconds", type=float, default=12.0, help="timed seconds per variant")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on CPU)")
+    parser.add_argument("--child", nargs=2, metavar=("VARIANT", "BATCH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(run_variant(args.child[0], int(args.child[1]), args.seconds)))
+        return 0
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    variants = ["plain-hf", "plain-hf+malloc", "trainer"] + (["trainer+compile"] if args.compile else [])
+    results = []
+    for batch in args.batch:
+        for variant in variants:
+            console.print(f"running {variant} batch {batch} ...")
+            out = subprocess.run([sys.executable, __file__, "--child", variant, str(batch), "--seconds", str(args.seconds)],
+                                 env=child_env(variant), capture_output=True, text=True)
+            line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+            if out.returncode or not line:
+                console.print(f"[red]{variant} batch {batch} failed[/red]\n{out.stderr[-2000:]}")
+                continue
+            results.append(json.loads(line[0][7:]))
+
+    import torch
+
+    bf16 = any(r["precision"] == "bf16" for r in results)
+    peaks = {"fp32": matmul_peak("float32"), **({"bf16": matmul_peak("bfloat16")} if bf16 else {})}
+    baseline = {r["batch"]: r["tokens_per_s"] for r in results if r["variant"] == "plain-hf"}
+    table = Table(title=f"training step, scratch model (3x256), seq {SEQ}  [{torch.__version__}, "
+                        f"{'cuda' if torch.cuda.is_available() else f'{os.cpu_count()} CPU threads'}]")
+    for column in ("variant", "batch", "precision", "tokens/s", "vs plain-hf", "peak MiB", "GFLOP/s", "of matmul peak"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for r in results:
+        peak = peaks["bf16" if r["precision"] == "bf16" else "fp32"]
+        r["speedup_vs_plain"] = r["tokens_per_s"] / baseline[r["batch"]] if r["batch"] in baseline else None
+        r["fraction_of_matmul_peak"] = r["gflops"] / peak
+        table.add_row(r["variant"], str(r["batch"]), r["precision"], f"{r['tokens_per_s']:,.0f}",
+                      f"{r['speedup_vs_plain']:.2f}x" if r["speedup_vs_plain"] else "-",
+                      f"{r['peak_memory_mib']:,.0f}", f"{r['gflops']:.1f}", f"{r['fraction_of_matmul_peak']:.0%}")
+    console.print(table)
+    console.print("matmul peak (2048^3): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()))
+    agreement = loss_agreement()
+    console.print("loss on one batch: " + ", ".join(f"{k} {v:.6g}" for k, v in agreement.items()))
+    preprocessing = preprocessing_times()
+    if preprocessing:
+        console.print(f"WikiText-2 preprocessing (train + validation): cold {preprocessing['cold_s']:.1f} s, "
+                      f"cached {preprocessing['cached_s']:.2f} s ({preprocessing['train_tokens']:,} train tokens)")
+    out_dir = REPO / "bench" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"results": results, "matmul_peak_gflops": peaks, "loss_agreement": agreement,
+                                "preprocessing": preprocessing, "torch": torch.__version__}, indent=1))
+    console.print(f"written {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
