@@ -191,3 +191,34 @@ def test_gradient_accumulation_equals_a_bigger_batch(make_config):
     assert max(abs(x["train/loss"] - y["train/loss"]) for x, y in zip(a, b)) < 1e-5
     pa, pb = final_params(root / "b8"), final_params(root / "b4x2")
     assert max((pa[k] - pb[k]).abs().max().item() for k in pa) < 1e-5
+
+
+def test_entry_point_reports_bad_input_in_one_line(make_config, tmp_path, capsys):
+    from trainer.run import main
+
+    recipe = tmp_path / "recipe.py"
+    from conftest import write_recipe
+
+    write_recipe(recipe, make_config())
+    cases = {
+        (str(tmp_path / "missing.py"),): "recipe file not found",
+        (str(recipe), "--optim.lr=abc"): "bad value for optim.lr",
+        (str(recipe), "--data.dataset=" + str(tmp_path / "nowhere")): "dataset directory not found",
+        (str(recipe), "--data.block_size=128"): "exceeds model.max_position_embeddings=64",
+        (str(recipe), "--resume=" + str(tmp_path)): "not a checkpoint, nor a run directory",
+    }
+    for argv, message in cases.items():
+        assert main(list(argv)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_requested_tracker_that_is_not_installed_is_an_error(make_config, monkeypatch):
+    import importlib.util
+
+    from trainer.tracking import TrackerError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(TrackerError, match="tensorboard package is not installed"):
+        train(make_config(log={"tracker": "tensorboard"}))

@@ -13,20 +13,22 @@ from rich.table import Table
 
 def fmt(value) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
 
 
 class TrainingConsole:
-    def __init__(self, enabled: bool, total_steps: int, start_step: int = 0):
+    def __init__(self, enabled: bool):
         self.enabled = enabled
         # Off a terminal (CI, log files) rich would wrap at 80 columns: keep one record per line.
         self.console = Console(soft_wrap=not sys.stdout.isatty())
-        self.interactive = enabled and sys.stdout.isatty()
         self.progress = None
-        if self.interactive:
+
+    def start(self, total_steps: int, start_step: int = 0) -> None:
+        """The live progress bar, on a terminal only; elsewhere `update` prints plain lines."""
+        if self.enabled and sys.stdout.isatty():
             self.progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                 TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=self.console,
@@ -53,6 +55,7 @@ class TrainingConsole:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+            self.progress = None
 
     def table(self, title: str, rows: list[tuple[str, object]]) -> None:
         if not self.enabled:

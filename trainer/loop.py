@@ -54,8 +54,7 @@ def train(cfg: Config, resume: str | None = None, recipe: str | None = None) -> 
 
 
 def run_training(cfg: Config, resume: str | None, recipe: str | None, stop: StopRequest) -> dict:
-    from accelerate import Accelerator
-    from accelerate import PartialState
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
     from transformers import get_scheduler
 
@@ -85,7 +84,7 @@ def run_training(cfg: Config, resume: str | None, recipe: str | None, stop: Stop
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
     )
     is_main = accelerator.is_main_process
-    console = TrainingConsole(is_main, total_steps=0)
+    console = TrainingConsole(is_main)
     console.print(f"run [bold]{run_dir.name}[/bold]  dir {run_dir}  processes {accelerator.num_processes}  "
                   f"device {accelerator.device}  precision {accelerator.mixed_precision}")
     set_seed(cfg.train.seed)  # identical initial weights on every process
@@ -142,8 +141,6 @@ def run_training(cfg: Config, resume: str | None, recipe: str | None, stop: Stop
     run_id = run_dir.name
     tracker = RunTracker(accelerator, cfg, run_dir, run_id, resume_step=state.step if resume_from else None)
     last_step = min(total_steps, cfg.train.max_steps or total_steps)
-    console.close()
-    console = TrainingConsole(is_main, total_steps=last_step, start_step=state.step)
     console.print(f"train {len(train_split.blocks):,} blocks, {steps_per_epoch:,} steps/epoch x {cfg.train.epochs} "
                   f"epochs = {total_steps:,} steps (batch {cfg.train.batch_size} x {cfg.train.grad_accum} accum x "
                   f"{accelerator.num_processes} proc)" + (f", stopping at step {last_step}" if last_step < total_steps else ""))
@@ -179,6 +176,7 @@ def run_training(cfg: Config, resume: str | None, recipe: str | None, stop: Stop
     def epoch_progress() -> float:
         return state.epoch + state.batches_in_epoch / max(len(train_loader), 1)
 
+    console.start(total_steps=last_step, start_step=state.step)
     model.train()
     while state.epoch < cfg.train.epochs and state.step < last_step and interrupted is None:
         train_loader.set_epoch(state.epoch)
@@ -194,7 +192,8 @@ def run_training(cfg: Config, resume: str | None, recipe: str | None, stop: Stop
                 break
             # Reseed per step: dropout draws depend only on (seed, step, rank), so a resumed run matches.
             torch.manual_seed(hash((cfg.train.seed, state.step, accelerator.process_index)) & 0x7FFF_FFFF)
-            grad_norm, stop_flag = train_step(accelerator, model, optimizer, window, interval, cfg, stop.requested)
+            step_totals = MLMTotals()
+            grad_norm, stop_flag = train_step(accelerator, model, optimizer, window, step_totals, cfg, stop.requested)
             state.batches_in_epoch += len(window)
             state.tokens_seen += tokens_per_batch * len(window)
 
@@ -210,6 +209,7 @@ def run_training(cfg: Config, resume: str | None, recipe: str | None, stop: Stop
                         f"the last good checkpoint is in {run_dir}/checkpoints; try a lower --optim.lr")
             else:
                 state.nonfinite_skips = 0
+                interval.merge(step_totals)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

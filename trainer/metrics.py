@@ -33,6 +33,11 @@ class MLMTotals:
         self.tokens = self.tokens + token_loss.numel()
         self.correct = self.correct + correct.sum()
 
+    def merge(self, other: "MLMTotals") -> None:
+        self.loss_sum = self.loss_sum + other.loss_sum
+        self.tokens = self.tokens + other.tokens
+        self.correct = self.correct + other.correct
+
     def compute(self, prefix: str) -> dict[str, float]:
         loss_sum, correct = float(self.loss_sum), int(self.correct)
         tokens = int(self.tokens)
