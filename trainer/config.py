@@ -23,7 +23,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    # A Hub id or directory to start from (fine-tuning); None trains the architecture below from scratch.
+    # A Hub id or directory to start from (fine-tuning): its config.json then sets the architecture and
+    # dropout, and the size fields below are ignored. None trains the architecture below from scratch.
     pretrained: str | None = None
     hidden_size: int = 256
     num_layers: int = 3

@@ -51,6 +51,7 @@ class TrainingConsole:
         elif metrics is not None:
             line = "  ".join(f"{k} {fmt(v)}" for k, v in metrics.items() if k in SHOWN or k.startswith("eval/"))
             self.console.print(f"{time.strftime('%H:%M:%S')} step {step}  {line}", highlight=False)
+            self.console.file.flush()  # CI logs: show each line as it happens, not when a buffer fills
 
     def close(self) -> None:
         if self.progress is not None:

@@ -31,6 +31,10 @@ class LoadReport:
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> tuple[BertForMaskedLM, LoadReport]:
     if cfg.pretrained:
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load table would repeat the report the loop prints
         try:
             model, info = BertForMaskedLM.from_pretrained(
                 cfg.pretrained, output_loading_info=True, attn_implementation=cfg.attn_implementation
@@ -40,6 +44,8 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> tuple[BertForMaskedLM, Loa
                 f"could not load model {cfg.pretrained!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                 f"pass a local directory with config.json and model.safetensors"
             ) from e
+        finally:
+            hf_logging.set_verbosity(verbosity)
         report = LoadReport(sorted(info["missing_keys"]), sorted(info["unexpected_keys"]))
     else:
         config = BertConfig(
