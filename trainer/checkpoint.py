@@ -36,6 +36,7 @@ class TrainState:
     best_eval_loss: float = float("inf")
     eval_loss: float | None = None  # eval loss at this step, if it was evaluated
     nonfinite_skips: int = 0
+    elapsed_s: float = 0.0  # wall time of the run so far, summed over resumed sessions
 
 
 def checkpoints_dir(run_dir: Path) -> Path:

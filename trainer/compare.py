@@ -117,7 +117,15 @@ def config_differences(runs: list[Run]) -> dict[str, list]:
     return {k: [f.get(k) for f in flat] for k in keys if len({json.dumps(f.get(k)) for f in flat}) > 1}
 
 
-def summary_rows(runs: list[Run]) -> list[tuple[str, list]]:
+def time_to_perplexity(run: Run, target: float) -> tuple[float | None, int | None]:
+    """(seconds, tokens) at the first evaluation with val perplexity <= target."""
+    for record in run.records:
+        if record.get("eval/perplexity") is not None and record["eval/perplexity"] <= target:
+            return record.get("time_s"), record.get("tokens")
+    return None, None
+
+
+def summary_rows(runs: list[Run], target_perplexity: float) -> list[tuple[str, list]]:
     def pick(run: Run, summary_key: str, metric: str, best=False):
         value = run.summary.get(summary_key)
         return value if value is not None else (run.best(metric) if best else run.last(metric))
@@ -133,6 +141,8 @@ def summary_rows(runs: list[Run]) -> list[tuple[str, list]]:
         ("final val accuracy", [pick(run, "final/eval_accuracy", "eval/accuracy") for run in runs]),
         ("train tokens/s", [run.summary.get("train/tokens_per_s") or run.last("train/tokens_per_s") for run in runs]),
         ("wall time (s)", [run.summary.get("wall_time_s") for run in runs]),
+        (f"time to val perplexity <= {target_perplexity:g} (s)", [time_to_perplexity(r, target_perplexity)[0] for r in runs]),
+        (f"tokens to val perplexity <= {target_perplexity:g}", [time_to_perplexity(r, target_perplexity)[1] for r in runs]),
         ("parameters", [run.summary.get("parameters") for run in runs]),
     ]
 
@@ -209,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.compare", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories (runs/<name>)")
     parser.add_argument("--out", default=None, help="report directory (default reports/compare-<time>)")
+    parser.add_argument("--target-perplexity", type=float, default=657.0,
+                        help="report the time and tokens each run took to reach this val perplexity (default: the seed's 657)")
     args = parser.parse_args(argv)
     console = Console()
     try:
@@ -219,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"reports/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
 
-    rows, diffs = summary_rows(runs), config_differences(runs)
+    rows, diffs = summary_rows(runs, args.target_perplexity), config_differences(runs)
     table = Table(title="runs")
     table.add_column("")
     for run in runs:

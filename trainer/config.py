@@ -45,7 +45,7 @@ class DataConfig:
     train_dataset: str | None = None
     tokenizer: str = "bert-base-uncased"
     block_size: int = 128
-    mlm_probability: float = 0.15
+    mlm_probability: float = 0.15  # training masks; evaluation always masks 15% (comparable across runs)
     max_train_blocks: int | None = None  # keep only the first N train blocks (smoke runs)
     max_eval_blocks: int | None = None
     num_workers: int = 0

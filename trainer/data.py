@@ -22,6 +22,7 @@ from trainer.config import DataConfig
 
 SPLIT_FILES = {"train": ["wiki.train"], "validation": ["wiki.valid", "wiki.validation"], "test": ["wiki.test"]}
 EVAL_MASK_SEED = 1234  # fixed, independent of the train seed, so every run is scored on the same masks
+EVAL_MASK_PROBABILITY = 0.15  # BERT's rate, whatever data.mlm_probability a recipe trains with
 
 
 class DataError(ValueError):
@@ -185,7 +186,7 @@ class MLMCollator:
         return {"input_ids": inputs, "mlm_positions": positions, "mlm_labels": original.flatten()[positions]}
 
 
-def eval_collator(tokenizer, probability: float) -> MLMCollator:
+def eval_collator(tokenizer, probability: float = EVAL_MASK_PROBABILITY) -> MLMCollator:
     """Fixed masks: same positions at every evaluation and in every run."""
     collator = MLMCollator(tokenizer, probability, seed=EVAL_MASK_SEED)
     collator.set_epoch(-1)

@@ -53,7 +53,7 @@ def evaluate_model(name: str, data_cfg, split: str = "validation", batch_size: i
     model, _ = build_model(ModelConfig(pretrained=name), len(tokenizer))
     check_block_size(model, data_cfg.block_size)
     loader = torch.utils.data.DataLoader(IndexedBlocks(blocks), batch_size=batch_size,
-                                         collate_fn=eval_collator(tokenizer, data_cfg.mlm_probability))
+                                         collate_fn=eval_collator(tokenizer))
     accelerator = Accelerator(mixed_precision=mixed_precision)
     model, loader = accelerator.prepare(SparseMLM(model), loader)
     metrics = evaluate_mlm(model, loader, accelerator)

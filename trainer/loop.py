@@ -102,7 +102,7 @@ def run_training(cfg: Config, resume: str | None, recipe: str | None, stop: Stop
     )
     eval_loader = torch.utils.data.DataLoader(
         IndexedBlocks(eval_split.blocks), batch_size=cfg.train.eval_batch_size,
-        collate_fn=eval_collator(tokenizer, cfg.data.mlm_probability), **loader_args,
+        collate_fn=eval_collator(tokenizer), **loader_args,
     )
 
     # ---------------------------------------------------------------- model and optimizer
@@ -162,16 +162,22 @@ def run_training(cfg: Config, resume: str | None, recipe: str | None, stop: Stop
         state.eval_loss = eval_metrics["eval/loss"]
         state.best_eval_loss = min(state.best_eval_loss, state.eval_loss)
         eval_metrics["eval/best_perplexity"] = perplexity(state.best_eval_loss)
-        tracker.log({**eval_metrics, "epoch": epoch_progress()}, state.step, state.tokens_seen)
+        tracker.log({**eval_metrics, "epoch": epoch_progress()}, state.step, state.tokens_seen, elapsed())
         console.update(state.step, eval_metrics)
 
     def checkpoint() -> None:
         nonlocal last_saved_step
+        state.elapsed_s = elapsed()
         if not parameters_finite(model):  # never replace a good checkpoint with a broken model
             console.print(f"[red]parameters are not finite at step {state.step}: checkpoint NOT written[/red]")
             return
         if save_checkpoint(accelerator, run_dir, state, cfg.train.keep_last) is not None:
             last_saved_step = state.step
+
+    run_time_before = state.elapsed_s  # a resumed run's clock continues from its checkpoint
+
+    def elapsed() -> float:
+        return run_time_before + time.time() - t_start
 
     def epoch_progress() -> float:
         return state.epoch + state.batches_in_epoch / max(len(train_loader), 1)
@@ -230,7 +236,7 @@ def run_training(cfg: Config, resume: str | None, recipe: str | None, stop: Stop
                     "train/tokens_per_s": interval_tokens / max(interval_time, 1e-9),
                     "epoch": epoch_progress(),
                 }
-                tracker.log(last_train_metrics, state.step, state.tokens_seen)
+                tracker.log(last_train_metrics, state.step, state.tokens_seen, elapsed())
                 console.update(state.step, last_train_metrics)
                 interval, grad_norms, interval_time, interval_tokens = MLMTotals(), [], 0.0, 0.0
             evaluated = bool(cfg.train.eval_every) and state.step % cfg.train.eval_every == 0 and last_eval_step != state.step
@@ -267,7 +273,7 @@ def run_training(cfg: Config, resume: str | None, recipe: str | None, stop: Stop
     summary = {
         "run_id": run_id, "recipe": cfg.name, "status": "interrupted" if interrupted else "finished",
         "parameters": n_params, "steps": state.step, "tokens_seen": state.tokens_seen,
-        "wall_time_s": time.time() - t_start, "train_time_s": session_time,
+        "wall_time_s": elapsed(), "train_time_s": session_time,
         "train/tokens_per_s": session_tokens / session_time if session_time else None,
         "final/train_loss": last_train_metrics.get("train/loss"),
         "final/train_perplexity": last_train_metrics.get("train/perplexity"),

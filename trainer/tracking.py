@@ -99,12 +99,13 @@ class RunTracker:
             run = accelerator.get_tracker("wandb", unwrap=True)
             run.define_metric("step")
             run.define_metric("tokens")
+            run.define_metric("time_s")
             run.define_metric("*", step_metric="step")
 
-    def log(self, metrics: dict, step: int, tokens: int) -> None:
+    def log(self, metrics: dict, step: int, tokens: int, time_s: float) -> None:
         if not self.enabled:
             return
-        record = {"step": step, "tokens": tokens, **metrics}
+        record = {"step": step, "tokens": tokens, "time_s": round(time_s, 3), **metrics}
         self.metrics_file.write(json.dumps(record, allow_nan=True) + "\n")
         if self.tracker != "none":
             # No `step=`: W&B keeps its own monotonic counter (a resume re-logs steps after the
