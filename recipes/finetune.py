@@ -17,6 +17,6 @@ config = dataclasses.replace(
     name="finetune",
     model=dataclasses.replace(scratch.model, pretrained="bert-base-uncased"),
     optim=dataclasses.replace(scratch.optim, lr=5e-5),
-    train=dataclasses.replace(scratch.train, epochs=4),
+    train=dataclasses.replace(scratch.train, epochs=4, eval_at_start=True),
     log=dataclasses.replace(scratch.log, tags=["finetune"]),
 )

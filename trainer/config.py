@@ -33,7 +33,7 @@ class ModelConfig:
     max_position_embeddings: int = 512
     dropout: float = 0.1  # hidden and attention-probability dropout
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    fast_dropout: bool = True  # cheaper dropout RNG for training (see model.py); same distribution
+    fast_dropout: bool = True  # on CPU, cheaper dropout random numbers (see model.py); same distribution
 
 
 @dataclass
@@ -77,6 +77,7 @@ class TrainConfig:
     compile: bool = False
     seed: int = 42
     eval_every: int = 500  # optimizer steps; evaluation also runs at every epoch end
+    eval_at_start: bool = False  # evaluate before the first step (the starting point of a fine-tune)
     log_every: int = 50
     save_every: int = 1000  # optimizer steps; a checkpoint is also saved at every epoch end
     keep_last: int = 2  # checkpoints kept besides the best one (by eval loss)

@@ -63,7 +63,7 @@ def load_split_text(source: str, dataset_config: str, split: str, cache_dir: str
             names = " or ".join(f"{s}.raw/.tokens" for s in SPLIT_FILES[split])
             hint = " (or point --data.train_dataset at a directory that has it)" if split == "train" else ""
             raise DataError(f"no {split} split in {path}: expected {names}{hint}")
-        # keep_linebreaks=False: a line is a row; blank rows are dropped by `clean_lines`.
+        # The "text" builder makes one row per line; blank rows are dropped by `clean_lines`.
         return datasets.load_dataset("text", data_files={split: str(file)}, split=split, cache_dir=cache_dir)
     if source.startswith((".", "/", "~")) or "\\" in source:
         raise DataError(f"dataset directory not found: {source}")

@@ -81,7 +81,8 @@ def run_training(cfg: Config, resume: str | None, recipe: str | None, stop: Stop
         log_with=None if cfg.log.tracker == "none" else cfg.log.tracker,
         project_dir=str(run_dir),
         step_scheduler_with_optimizer=False,  # we step it once per optimizer step, whatever the process count
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed,
+                                                  non_blocking=torch.cuda.is_available()),  # with pinned memory
     )
     is_main = accelerator.is_main_process
     console = TrainingConsole(is_main)
@@ -116,7 +117,8 @@ def run_training(cfg: Config, resume: str | None, recipe: str | None, stop: Stop
         console.print(f"newly initialised (not in the checkpoint): {', '.join(report.new_weights)}")
     if report.unused_weights:
         console.print(f"checkpoint weights not used: {', '.join(report.unused_weights)}")
-    if cfg.model.fast_dropout:
+    # CUDA's dropout kernels are already fused, and under torch.compile inductor generates its own.
+    if cfg.model.fast_dropout and accelerator.device.type == "cpu" and not cfg.train.compile:
         use_fast_dropout(hf_model)
     model = SparseMLM(hf_model)
     if cfg.train.compile:
@@ -182,6 +184,8 @@ def run_training(cfg: Config, resume: str | None, recipe: str | None, stop: Stop
     def epoch_progress() -> float:
         return state.epoch + state.batches_in_epoch / max(len(train_loader), 1)
 
+    if cfg.train.eval_at_start and state.step == 0:
+        run_eval()
     console.start(total_steps=last_step, start_step=state.step)
     model.train()
     while state.epoch < cfg.train.epochs and state.step < last_step and interrupted is None:
