@@ -103,7 +103,7 @@ def run_variant(variant: str, batch: int, seconds: float) -> dict:
 
         precision = resolve_mixed_precision("auto")
         accelerator = Accelerator(mixed_precision=precision)
-        if accelerator.device.type == "cpu":
+        if accelerator.device.type == "cpu" and not variant.endswith("compile"):  # as trainer/loop.py does
             use_fast_dropout(hf)
         model = SparseMLM(hf)
         if variant.endswith("compile"):
