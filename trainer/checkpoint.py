@@ -107,12 +107,6 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def best_checkpoint(run_dir: Path) -> Path | None:
-    evaluated = [(read_state(p).eval_loss, p) for p in list_checkpoints(run_dir)]
-    evaluated = [(loss, p) for loss, p in evaluated if loss is not None]
-    return min(evaluated, key=lambda item: item[0])[1] if evaluated else None
-
-
 def resolve_resume(resume: str, output_root: Path, recipe_name: str) -> Path:
     """`--resume` -> a checkpoint directory. Accepts "latest", a run directory or a checkpoint directory."""
     if resume == "latest":

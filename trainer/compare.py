@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.console import fmt
 from trainer.tracking import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, flatten, read_jsonl
 
 PANELS = [  # (title, [(metric, line label)], log scale?)
@@ -145,16 +146,6 @@ def summary_rows(runs: list[Run], target_perplexity: float) -> list[tuple[str, l
         (f"tokens to val perplexity <= {target_perplexity:g}", [time_to_perplexity(r, target_perplexity)[1] for r in runs]),
         ("parameters", [run.summary.get("parameters") for run in runs]),
     ]
-
-
-def fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
 
 
 def plot(runs: list[Run], axis: str, out: Path) -> Path:

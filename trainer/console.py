@@ -12,6 +12,9 @@ from rich.table import Table
 
 
 def fmt(value) -> str:
+    """Numbers for tables and log lines: 4 significant digits, thousands separators above 1,000."""
+    if value is None:
+        return "-"
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
     if isinstance(value, int):

@@ -295,7 +295,7 @@ def run_training(cfg: Config, resume: str | None, recipe: str | None, stop: Stop
         ("final train loss", summary["final/train_loss"]), ("final train perplexity", summary["final/train_perplexity"]),
         ("final val loss", summary["final/eval_loss"]), ("final val perplexity", summary["final/eval_perplexity"]),
         ("final val accuracy", summary["final/eval_accuracy"]), ("best val perplexity", summary["best/eval_perplexity"]),
-        ("wall time (s)", round(summary["wall_time_s"], 1)), ("train tokens/s", summary["train/tokens_per_s"] or "-"),
+        ("wall time (s)", round(summary["wall_time_s"], 1)), ("train tokens/s", summary["train/tokens_per_s"]),
         ("model", str(model_dir)),
     ])
     # torch's gloo backend can abort at exit while a DDP model or loader still holds process-group

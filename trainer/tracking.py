@@ -86,7 +86,7 @@ class RunTracker:
                 print(f"W&B offline (no API key): the run is saved under {self.run_dir}/wandb; "
                       f"upload it later with: wandb sync {self.run_dir}/wandb/offline-run-*")
             init_kwargs["wandb"] = {
-                "name": run_id if cfg.log.run_name is None else cfg.log.run_name,
+                "name": run_id,  # the run directory's name: "<recipe>-<time>" or log.run_name
                 "id": run_id,
                 "resume": "allow",  # a resumed run continues the same W&B run
                 "group": cfg.log.group or cfg.name,
