@@ -193,6 +193,12 @@ def eval_collator(tokenizer, probability: float = EVAL_MASK_PROBABILITY) -> MLMC
     return collator
 
 
+def eval_dataloader(blocks: torch.Tensor, tokenizer, batch_size: int, **kwargs) -> torch.utils.data.DataLoader:
+    """Validation/test batches in order, with the fixed evaluation masks."""
+    return torch.utils.data.DataLoader(IndexedBlocks(blocks), batch_size=batch_size,
+                                       collate_fn=eval_collator(tokenizer), **kwargs)
+
+
 def dense_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """HF-style (B, L) labels with -100 where nothing is predicted (for the plain HF loss path)."""
     labels = torch.full_like(batch["input_ids"], -100).flatten()

@@ -45,15 +45,14 @@ def evaluate_model(name: str, data_cfg, split: str = "validation", batch_size: i
     from accelerate import Accelerator
 
     from trainer.config import ModelConfig
-    from trainer.data import IndexedBlocks, eval_collator, load_blocks, load_tokenizer
+    from trainer.data import eval_dataloader, load_blocks, load_tokenizer
     from trainer.model import SparseMLM, build_model, check_block_size
 
     tokenizer = load_tokenizer(tokenizer_name or name)
     blocks = load_blocks(data_cfg, tokenizer, split, log=log).blocks
     model, _ = build_model(ModelConfig(pretrained=name), len(tokenizer))
     check_block_size(model, data_cfg.block_size)
-    loader = torch.utils.data.DataLoader(IndexedBlocks(blocks), batch_size=batch_size,
-                                         collate_fn=eval_collator(tokenizer))
+    loader = eval_dataloader(blocks, tokenizer, batch_size)
     accelerator = Accelerator(mixed_precision=mixed_precision)
     model, loader = accelerator.prepare(SparseMLM(model), loader)
     metrics = evaluate_mlm(model, loader, accelerator)

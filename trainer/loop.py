@@ -32,7 +32,7 @@ from trainer.checkpoint import (
 )
 from trainer.config import Config, ConfigError
 from trainer.console import TrainingConsole, quiet_libraries
-from trainer.data import IndexedBlocks, MLMCollator, eval_collator, load_blocks, load_tokenizer
+from trainer.data import IndexedBlocks, MLMCollator, eval_dataloader, load_blocks, load_tokenizer
 from trainer.evaluate import evaluate_mlm
 from trainer.fillmask import fill_mask
 from trainer.metrics import MLMTotals, perplexity
@@ -101,10 +101,7 @@ def run_training(cfg: Config, resume: str | None, recipe: str | None, stop: Stop
         IndexedBlocks(train_split.blocks), batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
         collate_fn=collator, **loader_args,
     )
-    eval_loader = torch.utils.data.DataLoader(
-        IndexedBlocks(eval_split.blocks), batch_size=cfg.train.eval_batch_size,
-        collate_fn=eval_collator(tokenizer), **loader_args,
-    )
+    eval_loader = eval_dataloader(eval_split.blocks, tokenizer, cfg.train.eval_batch_size, **loader_args)
 
     # ---------------------------------------------------------------- model and optimizer
     hf_model, report = build_model(cfg.model, len(tokenizer))
@@ -338,9 +335,8 @@ def train_step(accelerator, model, optimizer, window, totals: MLMTotals, cfg: Co
 
 
 def reduce_totals(accelerator, totals: MLMTotals) -> MLMTotals:
-    packed = torch.tensor([0.0, 0.0, 0.0], dtype=torch.float64, device=accelerator.device)
-    packed += torch.stack([torch.as_tensor(x, dtype=torch.float64, device=accelerator.device)
-                           for x in (totals.loss_sum, totals.tokens, totals.correct)])
+    packed = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=accelerator.device)
+                          for x in (totals.loss_sum, totals.tokens, totals.correct)])
     if accelerator.num_processes > 1:
         packed = accelerator.reduce(packed, reduction="sum")
     loss_sum, tokens, correct = packed.tolist()
