@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +10,8 @@ from trainer.config import ModelConfig
 from trainer.data import IndexedBlocks, MLMCollator, dense_labels, eval_collator
 from trainer.evaluate import evaluate_mlm
 from trainer.metrics import MLMTotals, perplexity
-from trainer.model import ModelError, SparseMLM, build_model, check_block_size, fast_dropout, use_fast_dropout
+from trainer.model import (ModelError, SparseMLM, build_model, check_block_size, fast_dropout, sinusoids,
+                           use_fast_dropout)
 
 
 def tiny_bert(vocab=40, dropout=0.0, seed=0) -> BertForMaskedLM:
@@ -85,6 +87,26 @@ def test_scratch_model_size_and_vocab_check():
     assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight  # tied
     with pytest.raises(ModelError, match="exceeds the model's max_position_embeddings=512"):
         check_block_size(model, 1024)
+
+
+def test_sinusoidal_position_init_saves_as_plain_bert(tmp_path):
+    cfg = ModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_position_embeddings=64,
+                      init_std=0.05, sinusoidal_position_init=True)
+    model, _ = build_model(cfg, vocab_size=40)
+    table = model.bert.embeddings.position_embeddings.weight.detach()
+    assert model.config.initializer_range == 0.05
+    assert torch.allclose(table[:, 0], 0.05 * 2**0.5 * torch.sin(torch.arange(64.0)))  # fastest sinusoid
+    assert torch.allclose(table[:, 1], 0.05 * 2**0.5 * torch.cos(torch.arange(64.0)))
+    # Shift by k = a fixed rotation of each (sin, cos) pair: the same linear map at every position.
+    shifted = sinusoids(64, 16)[5:] / 2**0.5
+    angle = torch.tensor(5.0) * torch.exp(torch.arange(0, 16, 2) * (-math.log(1e4) / 16))
+    first = sinusoids(64, 16)[:-5] / 2**0.5
+    assert torch.allclose(shifted[:, 0::2], first[:, 0::2] * angle.cos() + first[:, 1::2] * angle.sin(), atol=1e-5)
+    model.save_pretrained(tmp_path / "m")
+    reloaded = BertForMaskedLM.from_pretrained(tmp_path / "m")
+    assert torch.equal(reloaded.bert.embeddings.position_embeddings.weight, table)
+    random_init, _ = build_model(dataclasses.replace(cfg, sinusoidal_position_init=False), vocab_size=40)
+    assert not torch.allclose(random_init.bert.embeddings.position_embeddings.weight, table)
 
 
 def test_encoder_only_checkpoint_gets_a_new_tied_head(tmp_path):

@@ -124,3 +124,22 @@ def test_accelerate_configs_load(name):
 
     config = load_config_from_file(str(REPO / "accelerate_configs" / name))
     assert config.num_processes >= 1 and config.distributed_type is not None
+
+
+def test_plain_loop_baseline_learns_and_reads_like_a_run(make_config, tmp_path, capsys):
+    import importlib.util
+
+    from conftest import write_recipe
+    from trainer.compare import load_run
+
+    spec = importlib.util.spec_from_file_location("plain_loop", REPO / "bench" / "plain_loop.py")
+    plain_loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plain_loop)
+    recipe = write_recipe(tmp_path / "tiny_recipe.py", make_config())
+    assert plain_loop.main([str(recipe), "--train.eval_every=4"]) == 0
+    (run_dir,) = Path(make_config().log.output_root).glob("plain-tiny-*")
+    run = load_run(run_dir)
+    losses = run.series("eval/loss", "step")[1]
+    assert run.config["loop"] == "plain-hf" and len(losses) >= 3
+    assert losses[-1] < losses[0] - 0.5  # it trains: the tiny corpus is very learnable
+    assert run.summary["final/eval_loss"] == pytest.approx(losses[-1])

@@ -32,6 +32,10 @@ class ModelConfig:
     intermediate_size: int = 1024
     max_position_embeddings: int = 512
     dropout: float = 0.1  # hidden and attention-probability dropout
+    init_std: float = 0.02  # std of the normal init of every weight matrix and embedding (BERT's)
+    # Start the learned position embeddings as sinusoids (at init_std scale) instead of noise, so
+    # attention can find neighbouring tokens from step 0. The model stays a plain BertForMaskedLM.
+    sinusoidal_position_init: bool = False
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     fast_dropout: bool = True  # on CPU, cheaper dropout random numbers (see model.py); same distribution
 

@@ -57,9 +57,14 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> tuple[BertForMaskedLM, Loa
             max_position_embeddings=cfg.max_position_embeddings,
             hidden_dropout_prob=cfg.dropout,
             attention_probs_dropout_prob=cfg.dropout,
+            initializer_range=cfg.init_std,
         )
         config._attn_implementation = cfg.attn_implementation
         model = BertForMaskedLM(config)
+        if cfg.sinusoidal_position_init:
+            with torch.no_grad():
+                table = model.bert.embeddings.position_embeddings.weight
+                table.copy_(sinusoids(table.shape[0], table.shape[1]) * cfg.init_std)
         report = LoadReport([], [])
     if model.config.vocab_size < vocab_size:
         raise ModelError(
@@ -67,6 +72,17 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> tuple[BertForMaskedLM, Loa
             f"use the tokenizer the model was trained with"
         )
     return model, report
+
+
+def sinusoids(length: int, dim: int) -> torch.Tensor:
+    """The Transformer's sin/cos position table, scaled to unit std: position p+k is a fixed linear map
+    of position p, which makes "attend to the next token" easy to learn."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-torch.log(torch.tensor(1e4)) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency)
+    return table * 2**0.5
 
 
 def check_block_size(model: BertForMaskedLM, block_size: int) -> None:
