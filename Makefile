@@ -19,7 +19,7 @@ MODELS ?= $(addsuffix model,$(RUNS))
 
 LAUNCH = $(ACCELERATE) launch --config_file $(ACCEL_CONFIG) trainer/run.py
 
-.PHONY: install scratch scratch-tuned finetune test bench compare fillmask evaluate clean
+.PHONY: install scratch scratch-tuned finetune test bench bench-plain compare fillmask evaluate clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,10 @@ test: install
 
 bench: install
 	$(PY) bench/bench.py $(ARGS)
+
+# The plain HF loop trained on the scratch recipe (time-to-quality baseline): make bench-plain ARGS="--max-steps 1000"
+bench-plain: install
+	$(PY) bench/plain_loop.py recipes/scratch.py $$($(PY) -m trainer.hub scratch) $(ARGS)
 
 # Offline comparison report of runs: make compare RUNS="runs/scratch-... runs/finetune-..."
 compare: install

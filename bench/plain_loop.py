@@ -87,34 +87,39 @@ def main(argv: list[str] | None = None) -> int:
         log(metrics, step)
         return metrics
 
-    step, interval_loss, interval_steps, interval_start = 0, 0.0, 0, time.time()
+    def batches():
+        for epoch in range(cfg.train.epochs):
+            collator.set_epoch(epoch)
+            yield from loader
+
+    stream = batches()
+    step, interval_loss, interval_steps, interval_time, train_time = 0, 0.0, 0, 0.0, 0.0
     eval_metrics: dict = {}
-    for epoch in range(cfg.train.epochs):
-        collator.set_epoch(epoch)
-        for batch in loader:
-            loss = model(input_ids=batch["input_ids"].to(device), labels=dense_labels(batch).to(device)).loss
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            interval_loss, interval_steps = interval_loss + loss.item(), interval_steps + 1
-            if step % cfg.train.log_every == 0 or step == last_step:
-                seconds = time.time() - interval_start
-                mean = interval_loss / interval_steps
-                log({"train/loss": mean, "train/perplexity": perplexity(mean), "train/lr": scheduler.get_last_lr()[0],
-                     "train/grad_norm": grad_norm.item(),
-                     "train/tokens_per_s": interval_steps * cfg.train.batch_size * cfg.data.block_size / seconds}, step)
-                interval_loss, interval_steps, interval_start = 0.0, 0, time.time()
-            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == last_step:
-                eval_metrics = run_eval(step)
-                interval_start = time.time()  # tokens/s is training throughput
-            if step == last_step:
-                break
-        if step == last_step:
-            break
-    summary = {"loop": "plain-hf", "recipe": cfg.name, "steps": step, "wall_time_s": time.time() - start,
+    while step < last_step:
+        step_start = time.time()  # data loading included, evaluation excluded (as in the trainer)
+        batch = next(stream)
+        loss = model(input_ids=batch["input_ids"].to(device), labels=dense_labels(batch).to(device)).loss
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        interval_loss, interval_steps = interval_loss + loss.item(), interval_steps + 1
+        interval_time += time.time() - step_start
+        if step % cfg.train.log_every == 0 or step == last_step:
+            train_time += interval_time
+            mean = interval_loss / interval_steps
+            log({"train/loss": mean, "train/perplexity": perplexity(mean), "train/lr": scheduler.get_last_lr()[0],
+                 "train/grad_norm": grad_norm.item(),
+                 "train/tokens_per_s": interval_steps * cfg.train.batch_size * cfg.data.block_size / interval_time}, step)
+            interval_loss, interval_steps, interval_time = 0.0, 0, 0.0
+        if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == last_step:
+            eval_metrics = run_eval(step)
+    tokens = step * cfg.train.batch_size * cfg.data.block_size
+    summary = {"loop": "plain-hf", "recipe": cfg.name, "parameters": sum(p.numel() for p in model.parameters()),
+               "steps": step, "tokens_seen": tokens, "wall_time_s": time.time() - start,
+               "train/tokens_per_s": tokens / train_time,
                "final/eval_loss": eval_metrics.get("eval/loss"), "final/eval_perplexity": eval_metrics.get("eval/perplexity"),
                "final/eval_accuracy": eval_metrics.get("eval/accuracy")}
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
