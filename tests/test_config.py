@@ -1,3 +1,7 @@
+import dataclasses
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,21 @@ def test_scratch_recipe_matches_the_seed_setup():
     assert (d.dataset_config, d.tokenizer, d.block_size, d.mlm_probability) == ("wikitext-2-raw-v1", "bert-base-uncased", 128, 0.15)
     assert (o.lr, o.schedule, o.warmup_ratio, o.grad_clip) == (5e-4, "linear", 0.06, 1.0)
     assert (t.epochs, t.batch_size, t.eval_batch_size) == (3, 8, 16)
+
+
+def test_tuned_recipe_inherits_the_scratch_model_and_init():
+    scratch, tuned = load_recipe(REPO / "recipes/scratch.py"), load_recipe(REPO / "recipes/scratch_tuned.py")
+    assert (scratch.model.init_std, scratch.model.sinusoidal_position_init) == (0.05, True)
+    assert tuned.model == dataclasses.replace(scratch.model, dropout=0.0)
+    assert (tuned.data.mlm_probability, tuned.optim.lr, tuned.optim.beta2) == (0.75, 1e-3, 0.98)
+    assert (tuned.train, tuned.data.block_size) == (scratch.train, scratch.data.block_size)  # same budget
+
+
+def test_printing_the_resolved_config():
+    out = subprocess.run([sys.executable, "-m", "trainer.config", "recipes/scratch_tuned.py", "--optim.lr=2e-3"],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    resolved = json.loads(out)
+    assert resolved["optim"]["lr"] == 2e-3 and resolved["data"]["mlm_probability"] == 0.75
 
 
 def test_finetune_recipe_changes_only_model_lr_and_epochs():

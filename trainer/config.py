@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     # A Hub id or directory to start from (fine-tuning): its config.json then sets the architecture and
-    # dropout, and the size fields below are ignored. None trains the architecture below from scratch.
+    # dropout, and the size and init fields below are ignored. None: train from scratch.
     pretrained: str | None = None
     hidden_size: int = 256
     num_layers: int = 3
@@ -33,8 +33,8 @@ class ModelConfig:
     max_position_embeddings: int = 512
     dropout: float = 0.1  # hidden and attention-probability dropout
     init_std: float = 0.02  # std of the normal init of every weight matrix and embedding (BERT's)
-    # Start the learned position embeddings as sinusoids (at init_std scale) instead of noise, so
-    # attention can find neighbouring tokens from step 0. The model stays a plain BertForMaskedLM.
+    # Start the learned position embeddings as sinusoids (at init_std scale) instead of noise: position
+    # p+k is then a linear map of position p from step 0. The model stays a plain BertForMaskedLM.
     sinusoidal_position_init: bool = False
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     fast_dropout: bool = True  # on CPU, cheaper dropout random numbers (see model.py); same distribution
@@ -275,7 +275,9 @@ def build_config(argv: list[str]) -> tuple[Config, CommandLine]:
 if __name__ == "__main__":  # `python -m trainer.config RECIPE [overrides]` prints the resolved config
     import json
 
+    from trainer import config as module  # the importable module: recipes build its Config, not __main__'s
+
     try:
-        print(json.dumps(build_config(sys.argv[1:])[0].to_dict(), indent=2))
-    except ConfigError as e:
+        print(json.dumps(module.build_config(sys.argv[1:])[0].to_dict(), indent=2))
+    except module.ConfigError as e:
         sys.exit(f"error: {e}")
