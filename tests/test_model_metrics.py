@@ -102,6 +102,10 @@ def test_sinusoidal_position_init_saves_as_plain_bert(tmp_path):
     angle = torch.tensor(5.0) * torch.exp(torch.arange(0, 16, 2) * (-math.log(1e4) / 16))
     first = sinusoids(64, 16)[:-5] / 2**0.5
     assert torch.allclose(shifted[:, 0::2], first[:, 0::2] * angle.cos() + first[:, 1::2] * angle.sin(), atol=1e-5)
+    odd = sinusoids(64, 7) / 2**0.5  # odd width: four sines, three cosines
+    position = torch.arange(64.0)
+    assert torch.allclose(odd[:, 5], torch.cos(position * 1e4 ** (-4 / 7)), atol=1e-5)
+    assert torch.allclose(odd[:, 6], torch.sin(position * 1e4 ** (-6 / 7)), atol=1e-5)
     model.save_pretrained(tmp_path / "m")
     reloaded = BertForMaskedLM.from_pretrained(tmp_path / "m")
     assert torch.equal(reloaded.bert.embeddings.position_embeddings.weight, table)

@@ -81,7 +81,7 @@ def sinusoids(length: int, dim: int) -> torch.Tensor:
     frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-torch.log(torch.tensor(1e4)) / dim))
     table = torch.zeros(length, dim)
     table[:, 0::2] = torch.sin(position * frequency)
-    table[:, 1::2] = torch.cos(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency)[:, : dim // 2]  # odd dim: one sine more than cosines
     return table * 2**0.5
 
 
