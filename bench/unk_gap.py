@@ -1,6 +1,6 @@
 """How much of a model's raw-validation loss comes from words it never saw in training.
 
-    python bench/unk_gap.py runs/scratch_tuned-.../model [--shared ../shared/data]
+    python bench/unk_gap.py runs/scratch_tuned-.../model [--shared ../shared/data]   (default: $SHARED_DATA)
 
 Offline, training uses the tokenized WikiText-2 train split, where every word rarer than 3
 occurrences is `<unk>`; raw validation still spells those words out (as word pieces the model has
@@ -13,6 +13,7 @@ tokens of words that are not. It is a diagnostic, not the trainer's metric: the 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
-    parser.add_argument("--shared", default=str(Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
+    parser.add_argument("--shared", default=os.environ.get("SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
     parser.add_argument("--block-size", type=int, default=128)
     args = parser.parse_args(argv)
 

@@ -80,6 +80,7 @@ def test_bad_overrides_are_one_line_errors_naming_the_key(override, message):
     ("--optim.lr=-1", "optim.lr=-1.0 must be positive"),
     ("--data.mlm_probability=1.5", "data.mlm_probability=1.5 must be in (0, 1)"),
     ("--optim.warmup_ratio=1", "optim.warmup_ratio=1.0 must be in [0, 1)"),
+    ("--model.init_std=0", "model.init_std=0.0 must be positive"),
 ])
 def test_validation_rejects_inconsistent_configs(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):

@@ -125,6 +125,7 @@ class Config:
             (m.hidden_size % m.num_heads == 0,
              f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}"),
             (0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)"),
+            (m.init_std > 0, f"model.init_std={m.init_std} must be positive (BERT uses 0.02)"),
             (d.block_size >= 8, f"data.block_size={d.block_size} must be at least 8"),
             (m.pretrained is not None or d.block_size <= m.max_position_embeddings,
              f"data.block_size={d.block_size} exceeds model.max_position_embeddings={m.max_position_embeddings}"),
