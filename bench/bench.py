@@ -37,6 +37,13 @@ def tokenizer_source() -> str:
     return str(local) if local.is_dir() else "bert-base-uncased"
 
 
+def random_blocks(tokenizer, n: int):
+    """Random token ids past BERT's [unused] block (the speed of a step does not depend on the text)."""
+    import torch
+
+    return torch.randint(min(1000, len(tokenizer) // 2), len(tokenizer), (n, SEQ), dtype=torch.int32)
+
+
 def model_flops_per_step(cfg, batch: int, head_rows: float) -> float:
     """Matmul FLOPs of forward + backward (x3 of forward) for one step."""
     h, f, layers, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
@@ -71,14 +78,14 @@ def run_variant(variant: str, batch: int, seconds: float) -> dict:
 
     from trainer.config import Config, ModelConfig
     from trainer.data import MLMCollator, dense_labels, load_tokenizer
-    from trainer.loop import build_optimizer, resolve_mixed_precision, train_step
+    from trainer.loop import NonFiniteGuard, build_optimizer, resolve_mixed_precision, train_step
     from trainer.metrics import MLMTotals
     from trainer.model import SparseMLM, build_model, use_fast_dropout
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(tokenizer_source())
     collator = MLMCollator(tokenizer, 0.15, seed=0)
-    blocks = torch.randint(1000, len(tokenizer), (batch * 16, SEQ), dtype=torch.int32)
+    blocks = random_blocks(tokenizer, batch * 16)
     batches = [collator([(i * batch + j, blocks[i * batch + j]) for j in range(batch)]) for i in range(16)]
     cfg = Config(model=ModelConfig())
     hf, _ = build_model(cfg.model, len(tokenizer))
@@ -111,11 +118,11 @@ def run_variant(variant: str, batch: int, seconds: float) -> dict:
         optimizer = build_optimizer(model, cfg, accelerator.device)
         model, optimizer = accelerator.prepare(model, optimizer)
         on_device = [{k: v.to(accelerator.device) for k, v in b.items()} for b in batches]
-        totals = MLMTotals()
+        totals, guard = MLMTotals(), NonFiniteGuard(optimizer, accelerator.device)
 
-        def step(i):
-            train_step(accelerator, model, optimizer, [on_device[i % len(on_device)]], totals, cfg, False)
-            optimizer.step()
+        def step(i):  # what trainer/loop.py does per step, less the LR schedule and the bookkeeping
+            grad_norm = train_step(accelerator, model, optimizer, [on_device[i % len(on_device)]], totals, cfg)
+            guard.step(optimizer, grad_norm)
             optimizer.zero_grad(set_to_none=True)
 
         head_rows = sum(len(b["mlm_labels"]) for b in batches) / len(batches)
@@ -150,7 +157,7 @@ def loss_agreement() -> dict:
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(tokenizer_source())
-    blocks = torch.randint(1000, len(tokenizer), (8, SEQ), dtype=torch.int32)
+    blocks = random_blocks(tokenizer, 8)
     batch = MLMCollator(tokenizer, 0.15)([(i, blocks[i]) for i in range(8)])
     hf, _ = build_model(ModelConfig(dropout=0.0), len(tokenizer))
     dense = hf(input_ids=batch["input_ids"], labels=dense_labels(batch)).loss.item()

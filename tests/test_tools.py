@@ -143,3 +143,17 @@ def test_plain_loop_baseline_learns_and_reads_like_a_run(make_config, tmp_path, 
     assert run.config["loop"] == "plain-hf" and len(losses) >= 3
     assert losses[-1] < losses[0] - 0.5  # it trains: the tiny corpus is very learnable
     assert run.summary["final/eval_loss"] == pytest.approx(losses[-1])
+
+
+def test_bench_times_both_steps_and_checks_they_agree(tiny_tokenizer_dir, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench", REPO / "bench" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "tokenizer_source", lambda: str(tiny_tokenizer_dir))
+    for variant in ("plain-hf", "trainer"):  # the scratch model with the tiny vocabulary
+        result = bench.run_variant(variant, batch=2, seconds=0.0)
+        assert result["steps"] >= 5 and result["tokens_per_s"] > 0 and result["gflops"] > 0
+    agreement = bench.loss_agreement()
+    assert agreement["abs_diff_fp32"] < 1e-5 and agreement["dense_fp32"] > 0

@@ -120,7 +120,8 @@ def test_checkpoints_keep_last_k_plus_best(make_config):
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
 
 
-def test_nonfinite_loss_is_skipped_or_stops(make_config, monkeypatch, capsys):
+@pytest.mark.parametrize("fused", [True, False])  # skipped on the device / checked on the host
+def test_nonfinite_loss_is_skipped_or_stops(make_config, monkeypatch, capsys, fused):
     from trainer.model import SparseMLM
 
     calls = {"n": 0}
@@ -131,18 +132,68 @@ def test_nonfinite_loss_is_skipped_or_stops(make_config, monkeypatch, capsys):
         token_loss, correct = forward(self, *args, **kwargs)
         return (token_loss * float("nan") if calls["n"] == 4 else token_loss), correct
 
+    clean = make_config(train={"max_steps": 3}, optim={"fused": fused}, log={"run_name": "clean"})
+    train(clean)
     monkeypatch.setattr(SparseMLM, "forward", poisoned)
-    cfg = make_config(train={"max_steps": 6, "on_nonfinite": "skip"}, log={"run_name": "skip"})
+    cfg = make_config(train={"max_steps": 4, "on_nonfinite": "skip"}, optim={"fused": fused}, log={"run_name": "skip"})
     summary = train(cfg)
-    assert summary["steps"] == 6 and "update skipped" in capsys.readouterr().out
-    assert all(torch.isfinite(t).all() for t in final_params(Path(cfg.log.output_root) / "skip").values())
+    assert summary["steps"] == 4 and "steps 4-4: 1 with a non-finite loss or gradient norm, update skipped" in capsys.readouterr().out
+    root = Path(cfg.log.output_root)
+    skipped_last, three_steps = final_params(root / "skip"), final_params(root / "clean")
+    assert all(torch.equal(skipped_last[k], three_steps[k]) for k in three_steps)  # step 4 changed nothing
+    assert [r["step"] for r in records(root / "skip", "train")] == [1, 2, 3]  # no train record for a skipped-only interval
 
     calls["n"] = 0
-    cfg = make_config(train={"max_steps": 6, "save_every": 2, "on_nonfinite": "stop"}, log={"run_name": "stop"})
+    cfg = make_config(train={"max_steps": 6, "save_every": 2, "on_nonfinite": "stop"}, optim={"fused": fused},
+                      log={"run_name": "stop"})
     with pytest.raises(TrainingStopped, match="non-finite loss or gradient norm"):
         train(cfg)
     kept = list_checkpoints(Path(cfg.log.output_root) / "stop")
     assert [read_state(p).step for p in kept] == [2]  # the good checkpoint is intact
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_nonfinite_guard_skips_exactly_the_bad_updates_and_counts_runs(fused):
+    from trainer.loop import NonFiniteGuard
+
+    guarded, reference = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([guarded], lr=0.1, fused=fused)
+    reference_optimizer = torch.optim.AdamW([reference], lr=0.1, fused=fused)
+    guard = NonFiniteGuard(optimizer, torch.device("cpu"))
+    assert guard.mode == ("device" if fused else "host")
+    reads = []
+    for grad in [1.0, "nan", "nan", "read", "nan", 2.0, "inf", "read"]:
+        if grad == "read":
+            reads.append(guard.read())
+            continue
+        guarded.grad = torch.full((3,), float(grad))
+        updated = guard.step(optimizer, guarded.grad.norm())
+        assert updated.item() == float(math.isfinite(float(grad)))
+        if math.isfinite(float(grad)):  # the reference optimizer only ever sees the good steps
+            reference.grad = guarded.grad.clone()
+            reference_optimizer.step()
+        assert torch.equal(guarded, reference)
+    assert torch.equal(optimizer.state[guarded]["step"], reference_optimizer.state[reference]["step"])
+    assert reads == [(2, 2, 2), (2, 3, 1)]  # (skipped, longest run, current run); a run spans reads
+    assert not hasattr(optimizer, "found_inf")
+
+
+def test_training_steps_read_nothing_back_from_the_device(make_config, monkeypatch):
+    """Host syncs happen at logging steps only: more steps between two log lines, no more reads."""
+    reads = {"n": 0}
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"):
+        def counted(self, *args, _original=getattr(torch.Tensor, name), **kwargs):
+            reads["n"] += 1
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def reads_in_run(steps: int) -> int:
+        before = reads["n"]
+        train(make_config(train={"max_steps": steps, "log_every": 100}, log={"run_name": f"steps{steps}"}))
+        return reads["n"] - before
+
+    few, many = reads_in_run(3), reads_in_run(9)
+    assert few > 0 and many == few  # the counter sees the log step, the evaluation and the save; nothing per step
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(make_config, monkeypatch, capsys):

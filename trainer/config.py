@@ -85,7 +85,8 @@ class TrainConfig:
     log_every: int = 50
     save_every: int = 1000  # optimizer steps; a checkpoint is also saved at every epoch end
     keep_last: int = 2  # checkpoints kept besides the best one (by eval loss)
-    on_nonfinite: Literal["skip", "stop"] = "skip"  # what a NaN/inf loss or grad norm does
+    # A step with a NaN/inf loss or grad norm makes no update; "stop" ends the run at the next log step.
+    on_nonfinite: Literal["skip", "stop"] = "skip"
     max_nonfinite_skips: int = 10  # consecutive skipped steps before the run stops anyway
 
 
@@ -138,6 +139,7 @@ class Config:
             (t.batch_size >= 1 and t.eval_batch_size >= 1 and t.grad_accum >= 1,
              "train.batch_size, train.eval_batch_size and train.grad_accum must be at least 1"),
             (t.log_every >= 1, f"train.log_every={t.log_every} must be at least 1"),
+            (t.max_nonfinite_skips >= 1, f"train.max_nonfinite_skips={t.max_nonfinite_skips} must be at least 1"),
             (t.eval_every >= 0 and t.save_every >= 0, "train.eval_every and train.save_every must be >= 0"),
             (t.keep_last >= 1, f"train.keep_last={t.keep_last} must be at least 1"),
         ]

@@ -146,8 +146,10 @@ def run_training(cfg: Config, resume: str | None, recipe: str | None, stop: Stop
 
     # ---------------------------------------------------------------- train
     tokens_per_batch = cfg.train.batch_size * cfg.data.block_size * accelerator.num_processes
-    interval, grad_norms = MLMTotals(), []  # since the last log line
+    # Since the last log line. They stay on the device: the step has no host sync, the log step has one.
+    interval, interval_grad_norm, interval_steps = MLMTotals(), torch.zeros((), device=accelerator.device), 0
     interval_time = interval_tokens = 0.0
+    guard = NonFiniteGuard(optimizer, accelerator.device, in_a_row=state.nonfinite_skips)
     session_time = session_tokens = 0.0  # this process's lifetime (a resumed run restarts these)
     last_train_metrics: dict = {}
     eval_metrics: dict = {}
@@ -200,53 +202,55 @@ def run_training(cfg: Config, resume: str | None, recipe: str | None, stop: Stop
             # Reseed per step: dropout draws depend only on (seed, step, rank), so a resumed run matches.
             torch.manual_seed(hash((cfg.train.seed, state.step, accelerator.process_index)) & 0x7FFF_FFFF)
             step_totals = MLMTotals()
-            grad_norm, stop_flag = train_step(accelerator, model, optimizer, window, step_totals, cfg, stop.requested)
+            grad_norm = train_step(accelerator, model, optimizer, window, step_totals, cfg)
+            updated = guard.step(optimizer, grad_norm)  # a no-op update if the loss or gradient norm is inf/NaN
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
             state.batches_in_epoch += len(window)
             state.tokens_seen += tokens_per_batch * len(window)
-
-            if not math.isfinite(grad_norm):
-                state.nonfinite_skips += 1
-                optimizer.zero_grad(set_to_none=True)
-                console.print(f"[yellow]step {state.step + 1}: non-finite loss or gradient norm; update skipped "
-                              f"({state.nonfinite_skips} in a row)[/yellow]")
-                if cfg.train.on_nonfinite == "stop" or state.nonfinite_skips >= cfg.train.max_nonfinite_skips:
-                    raise TrainingStopped(
-                        f"stopped at step {state.step}: non-finite loss or gradient norm "
-                        f"(train.on_nonfinite={cfg.train.on_nonfinite}, {state.nonfinite_skips} in a row); "
-                        f"the last good checkpoint is in {run_dir}/checkpoints; try a lower --optim.lr")
-            else:
-                state.nonfinite_skips = 0
-                interval.merge(step_totals)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                state.eval_loss = None
-                grad_norms.append(grad_norm)
+            state.eval_loss = None
+            interval.merge(step_totals, keep=updated)
+            interval_grad_norm = interval_grad_norm + torch.where(updated > 0, grad_norm, 0.0)
+            interval_steps += 1
+            log_now = state.step % cfg.train.log_every == 0 or state.step == last_step
+            if log_now:  # the interval's one host sync, inside the timed region: the device catches up here
+                skipped, longest_run, state.nonfinite_skips = guard.read()
             seconds = time.time() - step_start
             interval_time, session_time = interval_time + seconds, session_time + seconds
             interval_tokens += tokens_per_batch * len(window)
             session_tokens += tokens_per_batch * len(window)
             console.update(state.step)
 
-            if grad_norms and (state.step % cfg.train.log_every == 0 or state.step == last_step):
-                last_train_metrics = {
-                    **reduce_totals(accelerator, interval).compute("train"),
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/grad_norm": sum(grad_norms) / len(grad_norms),  # mean over the interval, before clipping
-                    "train/tokens_per_s": interval_tokens / max(interval_time, 1e-9),
-                    "epoch": epoch_progress(),
-                }
-                tracker.log(last_train_metrics, state.step, state.tokens_seen, elapsed())
-                console.update(state.step, last_train_metrics)
-                interval, grad_norms, interval_time, interval_tokens = MLMTotals(), [], 0.0, 0.0
+            if log_now:
+                if skipped:
+                    console.print(f"[yellow]steps {state.step - interval_steps + 1}-{state.step}: {skipped} with a "
+                                  f"non-finite loss or gradient norm, update skipped ({longest_run} in a row)[/yellow]")
+                    if cfg.train.on_nonfinite == "stop" or longest_run >= cfg.train.max_nonfinite_skips:
+                        raise TrainingStopped(
+                            f"stopped at step {state.step}: non-finite loss or gradient norm "
+                            f"(train.on_nonfinite={cfg.train.on_nonfinite}, {longest_run} in a row); "
+                            f"the last good checkpoint is in {run_dir}/checkpoints; try a lower --optim.lr")
+                if interval_steps > skipped:
+                    last_train_metrics = {
+                        **reduce_totals(accelerator, interval).compute("train"),
+                        "train/lr": scheduler.get_last_lr()[0],
+                        # mean over the interval's updated steps, before clipping
+                        "train/grad_norm": float(interval_grad_norm) / (interval_steps - skipped),
+                        "train/tokens_per_s": interval_tokens / max(interval_time, 1e-9),
+                        "epoch": epoch_progress(),
+                    }
+                    tracker.log(last_train_metrics, state.step, state.tokens_seen, elapsed())
+                    console.update(state.step, last_train_metrics)
+                interval, interval_grad_norm = MLMTotals(), torch.zeros_like(interval_grad_norm)
+                interval_steps, interval_time, interval_tokens = 0, 0.0, 0.0
             evaluated = bool(cfg.train.eval_every) and state.step % cfg.train.eval_every == 0 and last_eval_step != state.step
             if evaluated:
                 run_eval()
             new_best = evaluated and state.eval_loss <= state.best_eval_loss
             if new_best or (cfg.train.save_every and state.step % cfg.train.save_every == 0 and last_saved_step != state.step):
                 checkpoint()
-            if stop_flag:
+            if stop_agreed(accelerator, stop, log_now):
                 interrupted = stop.signal_name or "signal on another process"
 
         if state.batches_in_epoch >= len(train_loader):  # the epoch is complete
@@ -308,8 +312,9 @@ def run_training(cfg: Config, resume: str | None, recipe: str | None, stop: Stop
 # --------------------------------------------------------------------------- one optimizer step
 
 
-def train_step(accelerator, model, optimizer, window, totals: MLMTotals, cfg: Config, stop_requested: bool):
-    """Forward/backward over the micro-batches of one optimizer step; returns (grad norm, stop?)."""
+def train_step(accelerator, model, optimizer, window, totals: MLMTotals, cfg: Config) -> torch.Tensor:
+    """Forward/backward over the micro-batches of one optimizer step; returns the gradient norm before
+    clipping, a device tensor (reading it would be a host sync)."""
     num_items = sum(batch["mlm_labels"].numel() for batch in window)
     num_items = torch.tensor(float(max(num_items, 0)), device=accelerator.device)
     if accelerator.num_processes > 1:
@@ -326,12 +331,60 @@ def train_step(accelerator, model, optimizer, window, totals: MLMTotals, cfg: Co
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)  # the norm before clipping
     if grad_norm is None:  # DeepSpeed clips inside its engine
         grad_norm = torch.zeros((), device=accelerator.device)
-    # One host sync per optimizer step: the non-finite guard and the stop flag (shared by all ranks).
-    flags = torch.stack([grad_norm.detach().float().reshape(()), torch.tensor(float(stop_requested), device=grad_norm.device)])
-    if accelerator.num_processes > 1:
-        flags = accelerator.reduce(flags, reduction="max")
-    norm, stop = flags.tolist()
-    return norm, bool(stop)
+    return grad_norm.detach().float().reshape(())
+
+
+class NonFiniteGuard:
+    """Makes the update of a step whose loss or gradient norm is inf/NaN a no-op, and counts such steps.
+
+    torch's fused AdamW skips an update on the device when given a `found_inf` tensor (as GradScaler
+    does), so a step needs no host sync; the counts are read once per logging interval. A GradScaler
+    (fp16) already skips non-finite steps itself; other optimizers check on the host every step.
+    """
+
+    def __init__(self, optimizer, device, in_a_row: int = 0):
+        self.inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's AcceleratedOptimizer
+        if getattr(optimizer, "scaler", None) is not None:
+            self.mode = "scaler"
+        elif getattr(self.inner, "_step_supports_amp_scaling", False):
+            self.mode = "device"
+        else:
+            self.mode = "host"
+        zero = torch.zeros((), device=device)
+        self.skipped, self.longest, self.in_a_row = zero, zero, zero + in_a_row
+
+    def step(self, optimizer, grad_norm: torch.Tensor) -> torch.Tensor:
+        """optimizer.step() unless grad_norm is inf/NaN. Returns 1.0 (updated) or 0.0, on the device."""
+        bad = (~torch.isfinite(grad_norm)).float()
+        if self.mode == "device":
+            self.inner.found_inf = bad
+            try:
+                optimizer.step()
+            finally:
+                del self.inner.found_inf
+        elif self.mode == "scaler" or not bad.item():
+            optimizer.step()
+        self.skipped = self.skipped + bad
+        self.in_a_row = (self.in_a_row + 1) * bad
+        self.longest = torch.maximum(self.longest, self.in_a_row)
+        return 1.0 - bad
+
+    def read(self) -> tuple[int, int, int]:
+        """(skipped steps, longest run of consecutive skips, current run) since the last read; a host sync."""
+        skipped, longest, in_a_row = (int(x) for x in torch.stack([self.skipped, self.longest, self.in_a_row]).tolist())
+        self.skipped, self.longest = torch.zeros_like(self.skipped), self.in_a_row.clone()  # a run goes on
+        return skipped, longest, in_a_row
+
+
+def stop_agreed(accelerator, stop: StopRequest, at_log_step: bool) -> bool:
+    """Whether to stop for SIGTERM/SIGINT after this step. One process reads its own flag (no device work);
+    several agree at logging steps (one all-reduce), so they all stop at the same step."""
+    if accelerator.num_processes == 1:
+        return stop.requested
+    if not at_log_step:
+        return False
+    flag = accelerator.reduce(torch.tensor(float(stop.requested), device=accelerator.device), reduction="max")
+    return bool(flag.item())
 
 
 def reduce_totals(accelerator, totals: MLMTotals) -> MLMTotals:

@@ -33,14 +33,15 @@ class MLMTotals:
         self.tokens = self.tokens + token_loss.numel()
         self.correct = self.correct + correct.sum()
 
-    def merge(self, other: "MLMTotals") -> None:
-        self.loss_sum = self.loss_sum + other.loss_sum
-        self.tokens = self.tokens + other.tokens
-        self.correct = self.correct + other.correct
+    def merge(self, other: "MLMTotals", keep: torch.Tensor) -> None:
+        """Add `other`'s sums if the 0/1 device tensor `keep` is 1 (0: a skipped step), without a host sync."""
+        self.loss_sum = self.loss_sum + torch.where(keep > 0, other.loss_sum, 0.0)  # NaN * 0 would be NaN
+        self.tokens = self.tokens + other.tokens * keep
+        self.correct = self.correct + other.correct * keep
 
     def compute(self, prefix: str) -> dict[str, float]:
-        loss_sum, correct = float(self.loss_sum), int(self.correct)
-        tokens = int(self.tokens)
+        loss_sum, correct = float(self.loss_sum), round(float(self.correct))
+        tokens = round(float(self.tokens))
         mean = loss_sum / max(tokens, 1)
         return {
             f"{prefix}/loss": mean,
