@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.data import IndexedBlocks, MLMCollator, dense_labels, eval_dataloader, load_blocks, load_tokenizer
     from trainer.evaluate import evaluate_mlm
     from trainer.metrics import perplexity
-    from trainer.model import SparseMLM, build_model
+    from trainer.model import SparseMLM, build_model, count_parameters
     from trainer.tracking import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 
     try:
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == last_step:
             eval_metrics = run_eval(step)
     tokens = step * cfg.train.batch_size * cfg.data.block_size
-    summary = {"loop": "plain-hf", "recipe": cfg.name, "parameters": sum(p.numel() for p in model.parameters()),
+    summary = {"loop": "plain-hf", "recipe": cfg.name, "parameters": count_parameters(model),
                "steps": step, "tokens_seen": tokens, "wall_time_s": time.time() - start,
                "train/tokens_per_s": tokens / train_time,
                "final/eval_loss": eval_metrics.get("eval/loss"), "final/eval_perplexity": eval_metrics.get("eval/perplexity"),
