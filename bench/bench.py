@@ -33,7 +33,9 @@ SEQ = 128
 
 
 def tokenizer_source() -> str:
-    local = Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data")) / "bert-base-uncased"
+    from trainer.hub import shared_data_dir
+
+    local = shared_data_dir() / "bert-base-uncased"
     return str(local) if local.is_dir() else "bert-base-uncased"
 
 
@@ -174,10 +176,9 @@ def preprocessing_times() -> dict | None:
 
     from trainer.config import DataConfig
     from trainer.data import DataError, load_blocks, load_tokenizer
-    from trainer.hub import local_data_overrides
+    from trainer.hub import local_data_overrides, shared_data_dir
 
-    shared = Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data"))
-    overrides = dict(o[2:].split("=", 1) for o in local_data_overrides(shared))
+    overrides = dict(o[2:].split("=", 1) for o in local_data_overrides(shared_data_dir()))
     cfg = DataConfig(dataset=overrides.get("data.dataset", "wikitext"), train_dataset=overrides.get("data.train_dataset"))
     tokenizer = load_tokenizer(overrides.get("data.tokenizer", "bert-base-uncased"))
     datasets.disable_progress_bars()

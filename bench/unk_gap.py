@@ -1,6 +1,6 @@
 """How much of a model's raw-validation loss comes from words it never saw in training.
 
-    python bench/unk_gap.py runs/scratch_tuned-.../model [--shared ../shared/data]   (default: $SHARED_DATA)
+    python bench/unk_gap.py runs/scratch_tuned-.../model [--shared ../shared/data]
 
 Offline, training uses the tokenized WikiText-2 train split, where every word rarer than 3
 occurrences is `<unk>`; raw validation still spells those words out (as word pieces the model has
@@ -13,7 +13,6 @@ tokens of words that are not. It is a diagnostic, not the trainer's metric: the 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -23,13 +22,15 @@ import torch
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
-    parser.add_argument("--shared", default=os.environ.get("SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    parser.add_argument("--shared", help="the offline data folder (default: $SHARED_DATA or ../shared/data)")
     parser.add_argument("--block-size", type=int, default=128)
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer, BertForMaskedLM
 
-    shared = Path(args.shared)
+    from trainer.hub import shared_data_dir
+
+    shared = Path(args.shared) if args.shared else shared_data_dir()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = BertForMaskedLM.from_pretrained(args.model).eval()
     train_words = {w.lower() for line in open(shared / "wikitext-2-v1" / "wiki.train.tokens") for w in line.split()}

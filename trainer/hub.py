@@ -17,6 +17,11 @@ import sys
 from pathlib import Path
 
 
+def shared_data_dir() -> Path:
+    """$SHARED_DATA, else the `shared/data` folder beside this checkout."""
+    return Path(os.environ.get("SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
@@ -51,7 +56,7 @@ def main(argv: list[str]) -> int:
     recipe = argv[0] if argv else "scratch"
     if hub_reachable():
         return 0
-    shared = Path(os.environ.get("SHARED_DATA", "../shared/data"))
+    shared = shared_data_dir()
     overrides = local_data_overrides(shared)
     note = f"Hub unreachable: using local data in {shared}" if overrides else (
         f"Hub unreachable and no local data in {shared}: the run will fail to load WikiText")
