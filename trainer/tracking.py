@@ -36,17 +36,28 @@ def check_tracker_installed(tracker: str) -> None:
 
 
 def wandb_mode() -> str:
-    """'online' with an API key, else 'offline' (or whatever WANDB_MODE says)."""
+    """WANDB_MODE if set, else 'online' with credentials (env or ~/.netrc), else 'offline'.
+
+    Never asks wandb itself: reading `wandb.api.api_key` freezes wandb's settings before the mode is
+    chosen, and `wandb.init` then refuses to run without a key.
+    """
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    try:
-        import wandb
+    return "online" if wandb_credentials_found() else "offline"
 
-        return "online" if wandb.api.api_key else "offline"
-    except Exception:
-        return "offline"
+
+def wandb_credentials_found() -> bool:
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = Path(os.environ.get("NETRC", "~/.netrc")).expanduser()
+    try:
+        return path.is_file() and netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -81,7 +92,6 @@ class RunTracker:
         init_kwargs = {}
         if self.tracker == "wandb":
             mode = wandb_mode()
-            os.environ.setdefault("WANDB_MODE", mode)
             if mode == "offline":
                 print(f"W&B offline (no API key): the run is saved under {self.run_dir}/wandb; "
                       f"upload it later with: wandb sync {self.run_dir}/wandb/offline-run-*")
@@ -93,6 +103,7 @@ class RunTracker:
                 "tags": [cfg.name, *cfg.log.tags],
                 "dir": str(self.run_dir),
                 "job_type": "finetune" if cfg.model.pretrained else "pretrain",
+                "mode": mode,
             }
         accelerator.init_trackers(cfg.log.project, config=flatten(cfg.to_dict()), init_kwargs=init_kwargs)
         if self.tracker == "wandb":
