@@ -62,7 +62,7 @@ fillmask: install
 
 # Validation/test metrics of saved models: make evaluate MODELS="runs/x/model" ARGS="--split test"
 evaluate: install
-	$(PY) -m trainer.evaluate $(MODELS) $$($(PY) -m trainer.hub eval) $(ARGS)
+	$(PY) -m trainer.evaluate $(MODELS) $$($(PY) -m trainer.hub scratch) $(ARGS)
 
 clean:
 	rm -rf .pytest_cache bench/results

@@ -28,7 +28,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"
 SEQ = 128
 
 
@@ -44,15 +43,6 @@ def random_blocks(tokenizer, n: int):
     import torch
 
     return torch.randint(min(1000, len(tokenizer) // 2), len(tokenizer), (n, SEQ), dtype=torch.int32)
-
-
-def model_flops_per_step(cfg, batch: int, head_rows: float) -> float:
-    """Matmul FLOPs of forward + backward (x3 of forward) for one step."""
-    h, f, layers, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
-    tokens = batch * SEQ
-    encoder = layers * (2 * tokens * (4 * h * h + 2 * h * f) + 2 * 2 * batch * SEQ * SEQ * h)
-    head = 2 * head_rows * (h * h + h * v)
-    return 3.0 * (encoder + head)
 
 
 def matmul_peak(dtype_name: str) -> float:
@@ -76,23 +66,22 @@ def matmul_peak(dtype_name: str) -> float:
 def run_variant(variant: str, batch: int, seconds: float) -> dict:
     """Runs inside the child process."""
     import torch
-    from transformers import BertConfig, BertForMaskedLM
 
-    from trainer.config import Config, ModelConfig
+    from trainer.config import Config, ModelConfig, TrainConfig
     from trainer.data import MLMCollator, dense_labels, load_tokenizer
-    from trainer.loop import NonFiniteGuard, build_optimizer, resolve_mixed_precision, train_step
-    from trainer.metrics import MLMTotals
-    from trainer.model import SparseMLM, build_model, use_fast_dropout
+    from trainer.metrics import model_flops_per_token
+    from trainer.model import build_model
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(tokenizer_source())
     collator = MLMCollator(tokenizer, 0.15, seed=0)
     blocks = random_blocks(tokenizer, batch * 16)
     batches = [collator([(i * batch + j, blocks[i * batch + j]) for j in range(batch)]) for i in range(16)]
-    cfg = Config(model=ModelConfig())
+    cfg = Config(model=ModelConfig(), train=TrainConfig(compile=variant.endswith("compile")))
     hf, _ = build_model(cfg.model, len(tokenizer))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    losses = []
 
     if variant.startswith("plain-hf"):
         model = hf.to(device).train()
@@ -105,29 +94,12 @@ def run_variant(variant: str, batch: int, seconds: float) -> dict:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
 
-        precision, head_rows = "no", batch * SEQ
+        precision, mask_rate = "no", 1.0
     else:
-        from accelerate import Accelerator
-
-        precision = resolve_mixed_precision("auto")
-        accelerator = Accelerator(mixed_precision=precision)
-        if accelerator.device.type == "cpu" and not variant.endswith("compile"):  # as trainer/loop.py does
-            use_fast_dropout(hf)
-        model = SparseMLM(hf)
-        if variant.endswith("compile"):
-            model.compile_encoder()
-        optimizer = build_optimizer(model, cfg, accelerator.device)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        on_device = [{k: v.to(accelerator.device) for k, v in b.items()} for b in batches]
-        totals, guard = MLMTotals(), NonFiniteGuard(optimizer, accelerator.device)
-
-        def step(i):  # what trainer/loop.py does per step, less the LR schedule and the bookkeeping
-            grad_norm = train_step(accelerator, model, optimizer, [on_device[i % len(on_device)]], totals, cfg)
-            guard.step(optimizer, grad_norm)
-            optimizer.zero_grad(set_to_none=True)
-
-        head_rows = sum(len(b["mlm_labels"]) for b in batches) / len(batches)
+        step, precision = trainer_step(cfg, hf, batches)
+        mask_rate = sum(len(b["mlm_labels"]) for b in batches) / (len(batches) * batch * SEQ)
 
     warmup = 8 if variant.endswith("compile") else 3
     for i in range(warmup):
@@ -135,17 +107,41 @@ def run_variant(variant: str, batch: int, seconds: float) -> dict:
     sync()
     start, steps = time.perf_counter(), 0
     while steps < 5 or time.perf_counter() - start < seconds:
-        step(steps)
+        losses.append(step(steps))
         steps += 1
     sync()
     elapsed = time.perf_counter() - start
     tokens_per_s = steps * batch * SEQ / elapsed
-    flops = model_flops_per_step(hf.config, batch, head_rows) * steps / elapsed / 1e9
+    flops = model_flops_per_token(hf.config, SEQ, mask_rate) * tokens_per_s / 1e9
     peak_mem = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"variant": variant, "batch": batch, "precision": precision, "steps": steps, "seconds": elapsed,
             "tokens_per_s": tokens_per_s, "gflops": flops, "peak_memory_mib": peak_mem,
-            "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "process RSS"}
+            "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "process RSS",
+            "losses": [float(x) for x in losses]}
+
+
+def trainer_step(cfg, hf, batches):
+    """The loop's own step (trainer/step.py) on the loop's model set-up, less the LR schedule."""
+    from accelerate import Accelerator
+
+    from trainer.model import training_model
+    from trainer.runtime import resolve_mixed_precision
+    from trainer.step import TrainStep, build_optimizer
+
+    precision = resolve_mixed_precision("auto")
+    accelerator = Accelerator(mixed_precision=precision)
+    model = training_model(hf, cfg, accelerator.device)
+    optimizer = build_optimizer(model, cfg, accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    on_device = [{k: v.to(accelerator.device) for k, v in b.items()} for b in batches]
+    train_step = TrainStep(accelerator, model, optimizer, None, cfg)
+
+    def step(i):
+        result = train_step([on_device[i % len(on_device)]], i)
+        return result.totals.loss_sum / result.totals.tokens
+
+    return step, precision
 
 
 def loss_agreement() -> dict:
@@ -154,8 +150,8 @@ def loss_agreement() -> dict:
 
     from trainer.config import ModelConfig
     from trainer.data import MLMCollator, dense_labels, load_tokenizer
-    from trainer.loop import resolve_mixed_precision
     from trainer.model import SparseMLM, build_model
+    from trainer.runtime import resolve_mixed_precision
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(tokenizer_source())
@@ -198,10 +194,12 @@ def preprocessing_times() -> dict | None:
 
 
 def child_env(variant: str) -> dict:
+    from trainer.runtime import MALLOC_TUNABLES
+
     env = dict(os.environ)
     env.pop("GLIBC_TUNABLES", None)
     if variant != "plain-hf":
-        env["GLIBC_TUNABLES"] = MALLOC
+        env["GLIBC_TUNABLES"] = MALLOC_TUNABLES
     return env
 
 

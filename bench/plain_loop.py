@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.evaluate import evaluate_mlm
     from trainer.metrics import perplexity
     from trainer.model import SparseMLM, build_model, count_parameters
-    from trainer.tracking import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+    from trainer.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 
     try:
         cfg = apply_overrides(load_recipe(args.recipe), overrides).validate()

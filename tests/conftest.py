@@ -85,7 +85,7 @@ def tiny_config(tmp_path: Path, corpus: Path, tokenizer: Path, **sections) -> Co
         optim=OptimConfig(lr=3e-3, warmup_ratio=0.1),
         train=TrainConfig(epochs=2, batch_size=8, eval_batch_size=16, eval_every=0, log_every=1,
                           save_every=0, mixed_precision="no", seed=0),
-        log=LogConfig(tracker="none", output_root=str(tmp_path / "runs"), probes=["the big [MASK] sees a dog ."],
+        log=LogConfig(tracker=[], output_root=str(tmp_path / "runs"), probes=["the big [MASK] sees a dog ."],
                       fill_mask_top_k=3),
     )
     for section, values in sections.items():

@@ -104,5 +104,6 @@ def test_command_line_resume_and_tracker_shorthands():
     assert parse_command_line(["r.py", "--resume", "runs/x"]).resume == "runs/x"
     assert parse_command_line(["r.py", "--resume=runs/y/checkpoints/step-000010"]).resume.endswith("step-000010")
     cli = parse_command_line(["r.py", "--tracker", "none"])
-    assert apply_overrides(Config(), cli.overrides).log.tracker == "none"
-    assert apply_overrides(Config(), parse_command_line(["r.py", "--tracker=tensorboard"]).overrides).log.tracker == "tensorboard"
+    assert apply_overrides(Config(), cli.overrides).log.tracker == []  # none: metrics.jsonl only
+    assert apply_overrides(Config(), parse_command_line(["r.py", "--tracker=tensorboard"]).overrides).log.tracker == ["tensorboard"]
+    assert apply_overrides(Config(), ["--log.tracker=wandb,tensorboard"]).log.tracker == ["wandb", "tensorboard"]

@@ -48,7 +48,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(make_config, tmp_path):
     wait_for(lambda: len(train_steps(run_dir)) >= 3, process)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
-    assert process.returncode == 0, output
+    assert process.returncode == 143, output  # 128 + SIGTERM: a scheduler can tell preemption from completion
     assert "Traceback" not in output and "Resume with:" in output and f"--resume={run_dir}" in output
     state = read_state(list_checkpoints(run_dir)[-1])
     assert state.step >= 3 and state.step == train_steps(run_dir)[-1]
@@ -89,7 +89,7 @@ def test_two_processes_train_exactly_like_one(make_config, tmp_path, capsys):
     two = make_config(train={"batch_size": 4, **steps}, log={"run_name": "two", "tracker": "wandb"})
     train(one)
     train(accumulated)
-    env = subprocess_env()
+    env = {**subprocess_env(), "ACCELERATE_USE_CPU": "1"}  # several CPU processes, asked for explicitly
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
                str(REPO / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()),
                str(REPO / "trainer" / "run.py"), str(write_recipe(tmp_path / "recipe.py", two))]
@@ -116,7 +116,7 @@ def test_two_processes_train_exactly_like_one(make_config, tmp_path, capsys):
     with capsys.disabled():
         print(f"\nequivalence vs 1x8 (max |train loss diff|, max |eval loss diff|, max |param diff|): {report}")
     # one run, one metrics file, one W&B run, written by the main process only
-    assert len(list(root.glob("two*"))) == 1
-    assert len(list((root / "two" / "wandb").glob("offline-run-*"))) == 1
+    assert len(list(root.glob("two*"))) == 1 and len(list(root.glob("*/wandb"))) == 0
+    assert len(list((root / "wandb").glob("offline-run-*-two"))) == 1
     tokens = [r["eval/masked_tokens"] for rs in runs.values() for r in rs if "eval/masked_tokens" in r]
     assert len(set(tokens)) == 1  # no duplicated eval samples under 2 processes

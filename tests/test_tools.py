@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from trainer.config import DataConfig
+from trainer.config import Config, DataConfig
 from trainer.data import IndexedBlocks, dense_labels, eval_collator, load_blocks, load_tokenizer
 from trainer.loop import train
 from trainer.tracking import read_jsonl
@@ -30,7 +30,7 @@ def trained_run(tmp_path_factory, tiny_corpus_dir, tiny_tokenizer_dir):
 def test_finetune_from_a_saved_checkpoint_lowers_eval_loss(trained_run, make_config, tiny_corpus_dir):
     from trainer.evaluate import evaluate_model
 
-    data = DataConfig(dataset=str(tiny_corpus_dir), block_size=32)
+    data = Config(data=DataConfig(dataset=str(tiny_corpus_dir), block_size=32))
     before = evaluate_model(str(trained_run / "model"), data, log=lambda *_: None)["eval/loss"]
     cfg = make_config(model={"pretrained": str(trained_run / "model")}, optim={"lr": 1e-3},
                       train={"epochs": 2}, log={"run_name": "ft"})
@@ -43,11 +43,12 @@ def test_evaluate_command_matches_a_hand_computation(trained_run, tiny_corpus_di
 
     from trainer.evaluate import evaluate_model, main
 
-    data = DataConfig(dataset=str(tiny_corpus_dir), block_size=32, max_eval_blocks=6)
-    metrics = evaluate_model(str(trained_run / "model"), data, split="test", batch_size=4, log=lambda *_: None)
+    cfg = Config(data=DataConfig(dataset=str(tiny_corpus_dir), block_size=32, max_eval_blocks=6))
+    cfg.train.eval_batch_size = 4
+    metrics = evaluate_model(str(trained_run / "model"), cfg, split="test", log=lambda *_: None)
 
     tokenizer = load_tokenizer(str(trained_run / "model"))
-    blocks = load_blocks(data, tokenizer, "test", log=lambda *_: None).blocks
+    blocks = load_blocks(cfg.data, tokenizer, "test", log=lambda *_: None).blocks
     batch = eval_collator(tokenizer, 0.15)([(i, blocks[i]) for i in range(len(blocks))])
     model = BertForMaskedLM.from_pretrained(trained_run / "model").eval()
     with torch.no_grad():
@@ -55,10 +56,13 @@ def test_evaluate_command_matches_a_hand_computation(trained_run, tiny_corpus_di
     assert metrics["eval/masked_tokens"] == len(batch["mlm_labels"])
     assert metrics["eval/loss"] == pytest.approx(loss, rel=1e-5)
 
-    assert main([str(trained_run), "--split", "test", "--dataset", str(tiny_corpus_dir), "--block-size", "32",
-                 "--max-blocks", "6"]) == 0
+    # The same overrides as training; a run directory brings its own data config (here: the tiny corpus).
+    assert main([str(trained_run), "--split", "test", "--data.max_eval_blocks=6", "--train.eval_batch_size", "4"]) == 0
     assert f"{metrics['eval/loss']:.4f}" in capsys.readouterr().out
-    assert main(["/no/such/model", "--dataset", str(tiny_corpus_dir)]) == 2
+    assert main([str(trained_run / "model"), "--split=test", f"--data.dataset={tiny_corpus_dir}", "--data.block_size=32",
+                 "--data.max_eval_blocks=6"]) == 0
+    assert f"{metrics['eval/loss']:.4f}" in capsys.readouterr().out
+    assert main(["/no/such/model", f"--data.dataset={tiny_corpus_dir}"]) == 2
 
 
 def test_fill_mask_comparison_table(trained_run, capsys, monkeypatch):
@@ -87,17 +91,16 @@ def test_compare_report_from_two_learning_rates(make_config, tmp_path, capsys):
     assert page.count("data:image/png;base64,") == 2 and "optim.lr" in page and "lr_high" in page
 
 
-def test_compare_reads_a_wandb_offline_run(make_config, monkeypatch):
-    from trainer.compare import load_run
+def test_compare_leaves_wandb_files_to_wandb(make_config, monkeypatch, capsys):
+    from trainer.compare import main
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = make_config(train={"max_steps": 3}, log={"tracker": "wandb", "run_name": "wbonly"})
+    cfg = make_config(train={"max_steps": 3}, log={"tracker": ["wandb"], "run_name": "wbonly"})
     train(cfg)
     run_dir = Path(cfg.log.output_root) / "wbonly"
-    from_jsonl = [r["train/loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
     (run_dir / "metrics.jsonl").unlink()
-    run = load_run(run_dir)
-    assert run.series("train/loss", "step")[1] == pytest.approx(from_jsonl)
+    assert main([str(run_dir)]) == 2
+    assert f"wandb leet {run_dir.parent}/wandb" in capsys.readouterr().err
 
 
 def test_hub_helper_uses_local_copies_offline(tmp_path, monkeypatch, capsys):

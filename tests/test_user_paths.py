@@ -23,7 +23,7 @@ def user_env(tmp_path_factory) -> dict:
 
 
 def run_dir_of(output_root: Path) -> Path:
-    (run,) = [p for p in output_root.iterdir() if p.is_dir()]
+    (run,) = [p for p in output_root.iterdir() if p.is_dir() and p.name != "wandb"]
     return run
 
 
@@ -33,7 +33,7 @@ def test_make_scratch_without_a_wandb_login(user_env, tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run = run_dir_of(out)
-    assert "W&B offline (no API key)" in result.stdout and f"wandb sync {run}/wandb/offline-run-*" in result.stdout
-    assert len(list((run / "wandb").glob("offline-run-*/*.wandb"))) == 1
+    assert "W&B offline (no API key)" in result.stdout and f"wandb sync {out}/wandb/offline-run-*-{run.name}" in result.stdout
+    assert len(list((out / "wandb").glob(f"offline-run-*-{run.name}/*.wandb"))) == 1
     for name in ("metrics.jsonl", "summary.json", "model/config.json", "model/model.safetensors"):
         assert (run / name).is_file(), name

@@ -3,8 +3,8 @@
     python -m trainer.compare runs/scratch-20261124-031000 runs/finetune-20261124-040000 [--out DIR]
     make compare RUNS="runs/a runs/b"
 
-Reads each run directory's `metrics.jsonl`, `config.json` and `summary.json`; a directory with only
-a W&B offline run (`wandb/offline-run-*/*.wandb`) is read from that instead.
+Reads each run directory's `metrics.jsonl`, `config.json` and `summary.json`, which every run has.
+W&B's own files are W&B's to read: `wandb leet runs/wandb` shows the offline runs side by side.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import base64
 import html
 import json
 import math
-import struct
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.console import fmt
-from trainer.tracking import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, flatten, read_jsonl
+from trainer.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_jsonl
+from trainer.tracking import flatten
 
 PANELS = [  # (title, [(metric, line label)], log scale?)
     ("MLM loss", [("train/loss", "train"), ("eval/loss", "val")], False),
@@ -63,53 +63,11 @@ def load_run(path: Path) -> Run:
         raise CompareError(f"{path} is not a run directory")
     records = read_jsonl(path / METRICS_FILE)
     if not records:
-        records = read_wandb_offline(path)
-    if not records:
-        raise CompareError(f"{path} has no {METRICS_FILE} and no W&B offline run with metrics")
+        raise CompareError(f"{path} has no {METRICS_FILE} with records (W&B's files are read by W&B's tools: "
+                           f"wandb leet {path.parent}/wandb)")
     config = json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).is_file() else {}
     summary = json.loads((path / SUMMARY_FILE).read_text()) if (path / SUMMARY_FILE).is_file() else {}
     return Run(path.name, path, records, config, summary)
-
-
-def read_wandb_offline(path: Path) -> list[dict]:
-    """History rows of the newest W&B offline run under `path`."""
-    files = sorted(Path(path).glob("wandb/offline-run-*/*.wandb")) + sorted(Path(path).glob("offline-run-*/*.wandb"))
-    if not files:
-        return []
-    from wandb.proto import wandb_internal_pb2
-
-    rows = []
-    for data in wandb_log_records(files[-1]):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
-        if record.WhichOneof("record_type") == "history":
-            row = {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in record.history.item}
-            rows.append({k: v for k, v in row.items() if not k.startswith("_")})
-    return rows
-
-
-def wandb_log_records(path: Path):
-    """Payloads of a .wandb file: a 7-byte header (":W&B", magic, version), then a leveldb-style log of
-    32 KiB blocks whose records have a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last)."""
-    data = Path(path).read_bytes()
-    if data[:4] != b":W&B":
-        return
-    block, pos, pending = 32768, 7, b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is zero padding
-            pos += block - pos % block
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind == 1:
-            yield chunk
-        elif kind == 2:
-            pending = chunk
-        elif kind == 3:
-            pending += chunk
-        elif kind == 4:
-            yield pending + chunk
-            pending = b""
 
 
 def config_differences(runs: list[Run]) -> dict[str, list]:
@@ -217,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = [load_run(Path(p)) for p in args.runs]
     except CompareError as e:
-        console.print(f"[red]error:[/red] {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out or f"reports/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)

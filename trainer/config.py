@@ -1,12 +1,14 @@
 """Typed run configuration: dataclasses, recipe loading, `--section.key=value` overrides, validation.
 
-A recipe is a Python module that defines `config = Config(...)`. Every field below can be overridden
-from the command line with its dotted name (`--optim.lr=1e-3`); values are parsed with the field's
-type, and a bad key or value is a one-line `ConfigError`.
+A recipe is a Python module that defines `config = Config(...)`, or derives one from another recipe
+with `Config.derive`. Every field below can be overridden from the command line with its dotted name
+(`--optim.lr=1e-3`); values are parsed with the field's type, and a bad key or value is a one-line
+`ConfigError`. `python -m trainer.config -h` lists every field with its type, default and doc.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import sys
@@ -21,93 +23,113 @@ class ConfigError(ValueError):
     """A user mistake in a recipe or an override; reported as one line, without a traceback."""
 
 
+def option(default, doc: str, *, safe_on_resume: bool = False):
+    """A config field with its one-line doc. `safe_on_resume`: may change when a run is resumed,
+    because it does not change what the model trains on or how (logging, intervals, workers)."""
+    metadata = {"doc": doc, "safe_on_resume": safe_on_resume}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class ModelConfig:
-    # A Hub id or directory to start from (fine-tuning): its config.json then sets the architecture and
-    # dropout, and the size and init fields below are ignored. None: train from scratch.
-    pretrained: str | None = None
-    hidden_size: int = 256
-    num_layers: int = 3
-    num_heads: int = 4
-    intermediate_size: int = 1024
-    max_position_embeddings: int = 512
-    dropout: float = 0.1  # hidden and attention-probability dropout
-    init_std: float = 0.02  # std of the normal init of every weight matrix and embedding (BERT's)
-    # Start the learned position embeddings as sinusoids (at init_std scale) instead of noise: position
-    # p+k is then a linear map of position p from step 0. The model stays a plain BertForMaskedLM.
-    sinusoidal_position_init: bool = False
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    fast_dropout: bool = True  # on CPU, cheaper dropout random numbers (see model.py); same distribution
+    pretrained: str | None = option(
+        None, "Hub id or directory to start from (fine-tuning): its config.json sets the architecture "
+              "and dropout, and the size and init fields are ignored; none = train from scratch")
+    hidden_size: int = option(256, "width of the encoder")
+    num_layers: int = option(3, "transformer layers")
+    num_heads: int = option(4, "attention heads per layer")
+    intermediate_size: int = option(1024, "width of the feed-forward layer")
+    max_position_embeddings: int = option(512, "rows of the learned position table (longest block)")
+    dropout: float = option(0.1, "hidden and attention-probability dropout")
+    init_std: float = option(0.02, "std of the normal init of every weight matrix and embedding (BERT's 0.02)")
+    sinusoidal_position_init: bool = option(
+        False, "start the position embeddings as sinusoids (at init_std scale) instead of noise: position "
+               "p+k is then a linear map of position p from step 0; the model stays a plain BertForMaskedLM")
+    attn_implementation: Literal["sdpa", "eager"] = option("sdpa", "attention kernel")
+    fast_dropout: bool = option(True, "on CPU, cheaper dropout random numbers (model.py); same distribution")
 
 
 @dataclass
 class DataConfig:
-    # A Hub dataset name (with `dataset_config`) or a local directory with wiki.{train,valid,test}.{raw,tokens}.
-    dataset: str = "wikitext"
-    dataset_config: str = "wikitext-2-raw-v1"
-    # Optional other source for the train split only (the raw train split is missing offline).
-    train_dataset: str | None = None
-    tokenizer: str = "bert-base-uncased"
-    block_size: int = 128
-    mlm_probability: float = 0.15  # training masks; evaluation always masks 15% (comparable across runs)
-    max_train_blocks: int | None = None  # keep only the first N train blocks (smoke runs)
-    max_eval_blocks: int | None = None
-    num_workers: int = 0
-    cache_dir: str | None = None  # datasets cache; None = HF_DATASETS_CACHE
+    dataset: str = option("wikitext", "Hub dataset name (with dataset_config), or a local directory with "
+                                      "wiki.{train,valid,test}.{raw,tokens}")
+    dataset_config: str = option("wikitext-2-raw-v1", "Hub dataset configuration")
+    train_dataset: str | None = option(None, "another source for the train split only (the raw train split "
+                                             "is missing offline); none = dataset")
+    tokenizer: str = option("bert-base-uncased", "Hub id or directory of the tokenizer")
+    block_size: int = option(128, "tokens per training block (the stream is cut into blocks)")
+    mlm_probability: float = option(0.15, "fraction of tokens masked in training; evaluation always masks 15%")
+    max_train_blocks: int | None = option(None, "keep only the first N train blocks (smoke runs)")
+    max_eval_blocks: int | None = option(None, "keep only the first N validation blocks")
+    num_workers: int = option(0, "DataLoader worker processes (masks are the same with any number)",
+                              safe_on_resume=True)
+    cache_dir: str | None = option(None, "datasets cache; none = HF_DATASETS_CACHE", safe_on_resume=True)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_ratio: float = 0.06
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
-    fused: bool = True  # fused AdamW kernel where torch has one for the device
+    lr: float = option(5e-4, "peak learning rate")
+    weight_decay: float = option(0.01, "AdamW weight decay (not on biases and LayerNorm weights)")
+    beta1: float = option(0.9, "Adam beta1")
+    beta2: float = option(0.999, "Adam beta2")
+    eps: float = option(1e-8, "Adam epsilon")
+    schedule: Literal["linear", "cosine", "constant"] = option("linear", "learning-rate decay after warmup")
+    warmup_ratio: float = option(0.06, "fraction of the optimizer steps spent warming up linearly from 0")
+    grad_clip: float = option(1.0, "max global gradient norm; 0 disables clipping (the norm is still logged)")
+    fused: bool = option(True, "fused AdamW kernel where torch has one for the device")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 3
-    max_steps: int | None = None  # stop after this many optimizer steps (the schedule still spans all epochs)
-    batch_size: int = 8  # per process, per micro-batch
-    eval_batch_size: int = 16
-    grad_accum: int = 1
-    # "auto" = bf16 where the hardware runs it fast (CUDA with bf16, CPU with avx512_bf16/AMX), else fp32.
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    compile: bool = False
-    seed: int = 42
-    eval_every: int = 500  # optimizer steps; evaluation also runs at every epoch end
-    eval_at_start: bool = False  # evaluate before the first step (the starting point of a fine-tune)
-    log_every: int = 50
-    save_every: int = 1000  # optimizer steps; a checkpoint is also saved at every epoch end
-    keep_last: int = 2  # checkpoints kept besides the best one (by eval loss)
-    # A step with a NaN/inf loss or grad norm makes no update; "stop" ends the run at the next log step.
-    on_nonfinite: Literal["skip", "stop"] = "skip"
-    max_nonfinite_skips: int = 10  # consecutive skipped steps before the run stops anyway
+    epochs: int = option(3, "passes over the training blocks")
+    max_steps: int | None = option(None, "stop after this many optimizer steps (the schedule still spans "
+                                          "all epochs)", safe_on_resume=True)
+    batch_size: int = option(8, "blocks per process per micro-batch")
+    eval_batch_size: int = option(16, "blocks per evaluation batch", safe_on_resume=True)
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = option(
+        "auto", "auto = bf16 where the hardware runs it natively (CUDA compute capability 8+, CPU with "
+                "avx512_bf16/AMX), else fp32")
+    compile: bool = option(False, "torch.compile the encoder")
+    seed: int = option(42, "initial weights, data order, masks and dropout")
+    eval_every: int = option(500, "evaluate every N optimizer steps (and at every epoch end); 0 = only then",
+                             safe_on_resume=True)
+    eval_at_start: bool = option(False, "evaluate before the first step (the starting point of a fine-tune)",
+                                 safe_on_resume=True)
+    log_every: int = option(50, "optimizer steps per logged training record", safe_on_resume=True)
+    save_every: int = option(1000, "checkpoint every N optimizer steps (and at every epoch end); 0 = only then",
+                             safe_on_resume=True)
+    keep_last: int = option(2, "checkpoints kept besides the one with the best eval loss", safe_on_resume=True)
+    on_nonfinite: Literal["skip", "stop"] = option(
+        "skip", "a step with a NaN/inf loss or gradient norm makes no update; stop = end the run at the next "
+                "log step", safe_on_resume=True)
+    max_nonfinite_skips: int = option(10, "consecutive skipped steps before the run stops anyway",
+                                      safe_on_resume=True)
 
 
 @dataclass
 class LogConfig:
-    tracker: Literal["wandb", "tensorboard", "none"] = "wandb"
-    project: str = "bert-mlm"
-    run_name: str | None = None  # default: "<recipe>-<timestamp>"
-    group: str | None = None  # default: the recipe name
-    tags: list[str] = field(default_factory=list)
-    output_root: str = "runs"
-    fill_mask_top_k: int = 5
-    probes: list[str] = field(
-        default_factory=lambda: [
-            "The capital of France is [MASK].",
-            "He played [MASK] for the national team.",
-            "The song was released as a [MASK] in 1998.",
-            "The battle took place during the [MASK] war.",
-            "She was born in [MASK], England.",
-        ]
-    )
+    tracker: list[Literal["wandb", "tensorboard", "trackio"]] = option(
+        ["wandb"], "experiment trackers, comma-separated; W&B goes offline without a login; none = only "
+                   "metrics.jsonl", safe_on_resume=True)
+    project: str = option("bert-mlm", "tracker project", safe_on_resume=True)
+    run_name: str | None = option(None, "run directory name; none = <recipe>-<time>", safe_on_resume=True)
+    group: str | None = option(None, "W&B group; none = the recipe name", safe_on_resume=True)
+    tags: list[str] = option([], "W&B tags (comma-separated)", safe_on_resume=True)
+    output_root: str = option("runs", "where run directories are created", safe_on_resume=True)
+    fill_mask_top_k: int = option(5, "predictions shown per fill-mask probe", safe_on_resume=True)
+    probes: list[str] = option([
+        "The capital of France is [MASK].",
+        "He played [MASK] for the national team.",
+        "The song was released as a [MASK] in 1998.",
+        "The battle took place during the [MASK] war.",
+        "She was born in [MASK], England.",
+    ], "fill-mask sentences sampled at the end of a run", safe_on_resume=True)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "log": LogConfig}
 
 
 @dataclass
@@ -119,8 +141,30 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
+    def derive(self, name: str | None = None, **sections: dict) -> Config:
+        """A copy with some fields changed: `scratch.derive(name="x", optim={"lr": 1e-3})`."""
+        derived = copy.deepcopy(self)
+        derived.name = name or self.name
+        for section_name, changes in sections.items():
+            for key, value in changes.items():
+                if section_name not in SECTIONS or key not in field_names(SECTIONS[section_name]):
+                    raise ConfigError(f"unknown config key '{section_name}.{key}'")
+                setattr(getattr(derived, section_name), key, value)
+        return derived
+
+    def flat(self) -> dict[str, object]:
+        """{"optim.lr": 5e-4, ...} for every field."""
+        return {f"{s}.{k}": v for s in SECTIONS for k, v in dataclasses.asdict(getattr(self, s)).items()}
+
+    def changes_on_resume(self, resumed: Config) -> list[str]:
+        """Fields that differ from `resumed` and would change the training trajectory."""
+        mine, theirs = self.flat(), resumed.flat()
+        return [key for key in mine if mine[key] != theirs[key] and not field_meta(key)["safe_on_resume"]]
+
     def validate(self) -> Config:
         m, d, o, t = self.model, self.data, self.optim, self.train
+        if isinstance(self.log.tracker, str):  # a recipe may say tracker="tensorboard"
+            self.log.tracker = [] if self.log.tracker == "none" else [self.log.tracker]
         checks = [
             (m.hidden_size > 0 and m.num_layers > 0 and m.num_heads > 0, "model sizes must be positive"),
             (m.hidden_size % m.num_heads == 0,
@@ -131,6 +175,7 @@ class Config:
             (m.pretrained is not None or d.block_size <= m.max_position_embeddings,
              f"data.block_size={d.block_size} exceeds model.max_position_embeddings={m.max_position_embeddings}"),
             (0.0 < d.mlm_probability < 1.0, f"data.mlm_probability={d.mlm_probability} must be in (0, 1)"),
+            (d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0"),
             (o.lr > 0, f"optim.lr={o.lr} must be positive"),
             (0.0 <= o.warmup_ratio < 1.0, f"optim.warmup_ratio={o.warmup_ratio} must be in [0, 1)"),
             (o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)"),
@@ -151,6 +196,37 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> Config:
+        """The inverse of `to_dict` (a run's stored config.json); unknown keys are an error."""
+        try:
+            sections = {name: SECTIONS[name](**data.get(name, {})) for name in SECTIONS}
+        except TypeError as e:
+            raise ConfigError(f"stored config does not match this version of the trainer ({e})") from None
+        return cls(name=data.get("name", "run"), **sections)
+
+
+def field_names(section: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(section)]
+
+
+def field_meta(dotted_key: str) -> dict:
+    section, _, name = dotted_key.partition(".")
+    return next(f.metadata for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
+
+
+def help_text() -> str:
+    """Every field: `--section.key  type = default  doc`."""
+    lines = []
+    for section_name, section in SECTIONS.items():
+        hints = typing.get_type_hints(section)
+        lines.append(f"{section_name}:")
+        for f in dataclasses.fields(section):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            kind = str(hints[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            lines.append(f"  --{section_name}.{f.name}  {kind} = {default!r}\n      {f.metadata['doc']}")
+    return "\n".join(lines)
+
 
 # --------------------------------------------------------------------------- recipes and overrides
 
@@ -169,7 +245,7 @@ def load_recipe(path: str | Path) -> Config:
     config = getattr(module, "config", None)
     if not isinstance(config, Config):
         raise ConfigError(f"recipe {path} must define `config = Config(...)` (from trainer.config)")
-    return dataclasses.replace(config)  # shallow copy; overrides replace sections' fields below
+    return copy.deepcopy(config)
 
 
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
@@ -189,24 +265,21 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
 
 
 def set_field(config: Config, dotted_key: str, text: str) -> None:
-    section_name, _, field_name = dotted_key.partition(".")
-    sections = {f.name for f in dataclasses.fields(Config) if f.name != "name"}
     if dotted_key == "name":
         config.name = text
         return
-    if section_name not in sections or not field_name:
-        raise ConfigError(f"unknown config key {dotted_key!r}; sections are: {', '.join(sorted(sections))}")
-    section = dataclasses.replace(getattr(config, section_name))  # recipes' defaults stay untouched
-    hints = typing.get_type_hints(type(section))
+    section_name, _, field_name = dotted_key.partition(".")
+    if section_name not in SECTIONS or not field_name:
+        raise ConfigError(f"unknown config key {dotted_key!r}; sections are: {', '.join(sorted(SECTIONS))}")
+    hints = typing.get_type_hints(SECTIONS[section_name])
     if field_name not in hints:
-        known = ", ".join(f.name for f in dataclasses.fields(section))
+        known = ", ".join(field_names(SECTIONS[section_name]))
         raise ConfigError(f"unknown config key {dotted_key!r}; {section_name} has: {known}")
     try:
         value = parse_value(text, hints[field_name])
     except ValueError as e:
         raise ConfigError(f"bad value for {dotted_key}: {e}") from None
-    setattr(section, field_name, value)
-    setattr(config, section_name, section)
+    setattr(getattr(config, section_name), field_name, value)
 
 
 def parse_value(text: str, annotation) -> object:
@@ -222,6 +295,8 @@ def parse_value(text: str, annotation) -> object:
             raise ValueError(f"{text!r} is not one of {', '.join(map(str, args))}")
         return text
     if origin is list:
+        if text.strip().lower() == "none":
+            return []
         return [parse_value(part.strip(), args[0]) for part in text.split(",") if part.strip()]
     if annotation is bool:
         lowered = text.lower()
@@ -230,31 +305,36 @@ def parse_value(text: str, annotation) -> object:
         if lowered in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"{text!r} is not a boolean (true/false)")
-    if annotation is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise ValueError(f"{text!r} is not an integer") from None
-    if annotation is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise ValueError(f"{text!r} is not a number") from None
+    for kind, name in ((int, "an integer"), (float, "a number")):
+        if annotation is kind:
+            try:
+                return kind(text)
+            except ValueError:
+                raise ValueError(f"{text!r} is not {name}") from None
     return text
+
+
+USAGE = ("usage: trainer/run.py RECIPE.py [--resume[=RUN_OR_CHECKPOINT]] [--section.key=value ...]\n"
+         "       trainer/run.py --resume=RUN [--section.key=value ...]   (the run's own config)")
 
 
 @dataclass
 class CommandLine:
-    recipe: str
+    recipe: str | None  # None only with --resume=RUN: the run's stored config is used
     overrides: list[str]
     resume: str | None  # None: fresh run; "latest": newest run of this recipe; else a run or checkpoint dir
 
 
+class HelpRequested(Exception):
+    """-h/--help: print `help_text()` and exit 0."""
+
+
 def parse_command_line(argv: list[str]) -> CommandLine:
-    """`RECIPE [--resume[=PATH]] [--tracker=X] [--section.key=value ...]`."""
-    if not argv or argv[0] in ("-h", "--help"):
-        raise ConfigError("usage: trainer/run.py RECIPE.py [--resume[=RUN_OR_CHECKPOINT]] [--section.key=value ...]")
-    recipe, rest = argv[0], list(argv[1:])
+    """`RECIPE [--resume[=PATH]] [--tracker=X] [--section.key=value ...]`, or `--resume=PATH [...]`."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        raise HelpRequested
+    rest = list(argv)
+    recipe = rest.pop(0) if rest and not rest[0].startswith("--") else None
     overrides, resume = [], None
     while rest:
         arg = rest.pop(0)
@@ -266,11 +346,16 @@ def parse_command_line(argv: list[str]) -> CommandLine:
             overrides.append("--log." + arg[2:])
         else:
             overrides.append(arg)
+    if recipe is None and (resume is None or resume == "latest"):
+        raise ConfigError(USAGE.splitlines()[0].removeprefix("usage: ") + " (a recipe, or --resume=RUN)")
     return CommandLine(recipe, overrides, resume)
 
 
 def build_config(argv: list[str]) -> tuple[Config, CommandLine]:
+    """The recipe's config with the overrides applied (a fresh run; resume: see rundir.resume_config)."""
     cli = parse_command_line(argv)
+    if cli.recipe is None:
+        raise ConfigError("a recipe is needed here (RECIPE.py [--section.key=value ...])")
     config = apply_overrides(load_recipe(cli.recipe), cli.overrides).validate()
     return config, cli
 
@@ -282,5 +367,7 @@ if __name__ == "__main__":  # `python -m trainer.config RECIPE [overrides]` prin
 
     try:
         print(json.dumps(module.build_config(sys.argv[1:])[0].to_dict(), indent=2))
+    except module.HelpRequested:
+        print(f"{module.USAGE}\n\n{module.help_text()}")
     except module.ConfigError as e:
         sys.exit(f"error: {e}")

@@ -1,14 +1,21 @@
-"""Terminal output of the main process: a rich live progress bar in a terminal, plain log lines
-otherwise (CI, files), and the end-of-run summary table."""
+"""Terminal output of the main process: a rich live progress bar in a terminal, plain log lines otherwise
+(CI, files), the same for long loops (evaluation, fill-mask), and the end-of-run summary table.
+`ConsoleSink` is the console's side of the metrics interface (tracking.py)."""
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+SHOWN = ("epoch", "train/loss", "train/perplexity", "train/lr", "train/grad_norm", "train/tokens_per_s",
+         "train/mfu", "eval/loss", "eval/perplexity", "eval/accuracy")
+PLAIN_PROGRESS_EVERY_S = 15.0  # off a terminal, a long loop prints a line this often
 
 
 def fmt(value) -> str:
@@ -23,38 +30,65 @@ def fmt(value) -> str:
 
 
 class TrainingConsole:
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool = True):
         self.enabled = enabled
+        self.interactive = sys.stdout.isatty()
         # Off a terminal (CI, log files) rich would wrap at 80 columns: keep one record per line.
-        self.console = Console(soft_wrap=not sys.stdout.isatty())
+        self.console = Console(soft_wrap=not self.interactive)
         self.progress = None
 
     def start(self, total_steps: int, start_step: int = 0) -> None:
-        """The live progress bar, on a terminal only; elsewhere `update` prints plain lines."""
-        if self.enabled and sys.stdout.isatty():
-            self.progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=self.console,
-            )
+        """The live progress bar, on a terminal only; elsewhere `show` prints plain lines."""
+        if self.enabled and self.interactive:
+            self.progress = self.new_progress("train")
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step, status="")
             self.progress.start()
+
+    def new_progress(self, label: str, transient: bool = False) -> Progress:
+        return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=self.console,
+                        transient=transient)
 
     def print(self, *args, **kwargs) -> None:
         if self.enabled:
             self.console.print(*args, **kwargs)
+            self.console.file.flush()  # CI logs: show each line as it happens, not when a buffer fills
 
-    def update(self, step: int, metrics: dict | None = None) -> None:
-        """Called every step (cheap); `metrics` only at log intervals."""
+    def advance(self, step: int) -> None:
+        """Called every step (cheap)."""
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step)
+
+    def show(self, record: dict) -> None:
+        """A logged record: the progress bar's status on a terminal, a plain line elsewhere."""
         if not self.enabled:
             return
+        shown = {k: v for k, v in record.items() if k in SHOWN or k.startswith("eval/")}
         if self.progress is not None:
-            status = "" if metrics is None else "  ".join(
-                f"{k.split('/')[-1]} {fmt(v)}" for k, v in metrics.items() if k in SHOWN)
-            self.progress.update(self.task, completed=step, **({"status": status} if metrics else {}))
-        elif metrics is not None:
-            line = "  ".join(f"{k} {fmt(v)}" for k, v in metrics.items() if k in SHOWN or k.startswith("eval/"))
-            self.console.print(f"{time.strftime('%H:%M:%S')} step {step}  {line}", highlight=False)
-            self.console.file.flush()  # CI logs: show each line as it happens, not when a buffer fills
+            status = "  ".join(f"{k.split('/')[-1]} {fmt(v)}" for k, v in shown.items() if k in SHOWN)
+            self.progress.update(self.task, status=status)
+        elif shown:
+            line = "  ".join(f"{k} {fmt(v)}" for k, v in shown.items())
+            self.print(f"{time.strftime('%H:%M:%S')} step {record.get('step', '-')}  {line}", highlight=False)
+
+    def track(self, items: Iterable, total: int, label: str) -> Iterator:
+        """Iterate with a transient progress bar on a terminal, or a plain line every 15 s elsewhere."""
+        if not self.enabled:
+            yield from items
+            return
+        if self.interactive and self.progress is None:
+            with self.new_progress(label, transient=True) as progress:
+                task = progress.add_task(label, total=total, status="")
+                for item in items:
+                    yield item
+                    progress.advance(task)
+            return
+        started = last = time.perf_counter()
+        for done, item in enumerate(items, 1):
+            yield item
+            if time.perf_counter() - last >= PLAIN_PROGRESS_EVERY_S:
+                last = time.perf_counter()
+                self.print(f"{time.strftime('%H:%M:%S')} {label} {done}/{total} ({last - started:.0f} s)", highlight=False)
 
     def close(self) -> None:
         if self.progress is not None:
@@ -64,16 +98,42 @@ class TrainingConsole:
     def table(self, title: str, rows: list[tuple[str, object]]) -> None:
         if not self.enabled:
             return
-        table = Table(title=title, show_header=False)
+        table = Table(title=escape(title), show_header=False)
         table.add_column(style="bold")
         table.add_column(justify="right")
         for name, value in rows:
-            table.add_row(name, fmt(value))
-        self.console.print(table)
+            table.add_row(name, escape(fmt(value)))
+        self.print(table)
 
 
-SHOWN = ("epoch", "train/loss", "train/perplexity", "train/lr", "train/grad_norm", "train/tokens_per_s",
-         "eval/loss", "eval/perplexity", "eval/accuracy")
+SUMMARY_ROWS = [("steps", "steps"), ("tokens seen", "tokens_seen"), ("final train loss", "final/train_loss"),
+                ("final train perplexity", "final/train_perplexity"), ("final val loss", "final/eval_loss"),
+                ("final val perplexity", "final/eval_perplexity"), ("final val accuracy", "final/eval_accuracy"),
+                ("best val perplexity", "best/eval_perplexity"), ("wall time (s)", "wall_time_s"),
+                ("train tokens/s", "train/tokens_per_s"), ("model", "model_dir")]
+
+
+class ConsoleSink:
+    """The console as a metrics sink: records as status/lines, tables and the summary printed."""
+
+    def __init__(self, console: TrainingConsole):
+        self.console = console
+
+    def log(self, record: dict) -> None:
+        self.console.show(record)
+
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        for row in rows:
+            self.console.print("  " + "  ->  ".join(map(str, row[:2])), markup=False, highlight=False)
+
+    def summary(self, values: dict) -> None:
+        wall = values.get("wall_time_s")
+        shown = {**values, "wall_time_s": round(wall, 1) if wall is not None else None}
+        self.console.table(f"{values.get('run_id')} ({values.get('status')})",
+                           [(label, shown.get(key)) for label, key in SUMMARY_ROWS])
+
+    def close(self) -> None:
+        pass
 
 
 def quiet_libraries() -> None:

@@ -1,16 +1,16 @@
 """Evaluation: masked-token loss, perplexity and accuracy on fixed (deterministic) masks.
 
-`evaluate_mlm` is what the training loop calls; `python -m trainer.evaluate MODEL --split test` runs
-it on any saved run directory or Hub id:
+`evaluate_mlm` is what the training loop calls; `python -m trainer.evaluate MODEL...` runs it on saved
+models (a run directory uses its own data config), with the trainer's `--section.key=value` overrides:
 
-    python -m trainer.evaluate runs/scratch-20261124-101500/model --split test \
-        --dataset ../shared/data/wikitext-2-raw-v1
+    python -m trainer.evaluate runs/scratch-20261124-101500 --split test
+    python -m trainer.evaluate runs/x/model --data.dataset=../shared/data/wikitext-2-raw-v1 --data.max_eval_blocks=100
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -18,8 +18,9 @@ from trainer.metrics import MLMTotals
 
 
 @torch.no_grad()
-def evaluate_mlm(model, loader, accelerator) -> dict[str, float]:
-    """Metrics over every masked token of `loader`, summed over all processes.
+def evaluate_mlm(model, loader, accelerator, track=None) -> dict[str, float]:
+    """Metrics over every masked token of `loader`, summed over all processes; `track` wraps the batches
+    (a progress display, console.track).
 
     Per-sample sums are gathered with `gather_for_metrics`, which drops the samples Accelerate
     repeats to give every rank an equal number of batches, so no token is counted twice.
@@ -27,7 +28,8 @@ def evaluate_mlm(model, loader, accelerator) -> dict[str, float]:
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, tokens, correct
-    for batch in loader:
+    batches = track(loader, len(loader), "eval") if track else loader
+    for batch in batches:
         with accelerator.autocast():
             token_loss, correct = model(**batch)
         rows = batch["mlm_positions"] // batch["input_ids"].size(1)
@@ -39,65 +41,81 @@ def evaluate_mlm(model, loader, accelerator) -> dict[str, float]:
     return MLMTotals(loss_sum, int(tokens), int(correct)).compute("eval")
 
 
-def evaluate_model(name: str, data_cfg, split: str = "validation", batch_size: int = 16,
-                   tokenizer_name: str | None = None, mixed_precision: str = "no", log=print) -> dict[str, float]:
-    """Metrics of a saved model directory or Hub id on a split, with the fixed evaluation masks."""
+def evaluate_model(name: str, cfg, split: str = "validation", log=print, track=None) -> dict[str, float]:
+    """Metrics of a saved model directory or Hub id on a split of `cfg.data`, with the fixed evaluation
+    masks, scored with the model's own tokenizer."""
     from accelerate import Accelerator
 
     from trainer.config import ModelConfig
     from trainer.data import eval_dataloader, load_blocks, load_tokenizer
     from trainer.model import SparseMLM, build_model, check_block_size
+    from trainer.runtime import resolve_mixed_precision
 
-    tokenizer = load_tokenizer(tokenizer_name or name)
-    blocks = load_blocks(data_cfg, tokenizer, split, log=log).blocks
+    tokenizer = load_tokenizer(name)
+    blocks = load_blocks(cfg.data, tokenizer, split, log=log).blocks
     model, _ = build_model(ModelConfig(pretrained=name), len(tokenizer))
-    check_block_size(model, data_cfg.block_size)
-    loader = eval_dataloader(blocks, tokenizer, batch_size)
+    check_block_size(model, cfg.data.block_size)
+    loader = eval_dataloader(blocks, tokenizer, cfg.train.eval_batch_size)
+    mixed_precision = "no" if cfg.train.mixed_precision == "auto" else resolve_mixed_precision(cfg.train.mixed_precision)
     accelerator = Accelerator(mixed_precision=mixed_precision)
     model, loader = accelerator.prepare(SparseMLM(model), loader)
-    metrics = evaluate_mlm(model, loader, accelerator)
+    metrics = evaluate_mlm(model, loader, accelerator, track=track)
     accelerator.free_memory()
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    from rich.console import Console
+def config_for(name: str, overrides: list[str]):
+    """A run directory's own config (its data, block size), else the defaults; then the overrides."""
+    from trainer.config import Config, apply_overrides
+    from trainer.rundir import CONFIG_FILE, stored_config
 
-    from trainer.console import quiet_libraries
+    base = stored_config(Path(name)) if (Path(name) / CONFIG_FILE).is_file() else Config()
+    return apply_overrides(base, overrides).validate()
+
+
+USAGE = ("usage: python -m trainer.evaluate MODEL_OR_RUN... [--split validation|test] [--section.key=value ...]\n"
+         "  used: --data.* (dataset, block size, max_eval_blocks), --train.eval_batch_size, "
+         "--train.mixed_precision (auto = fp32 here)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
-    from trainer.config import DataConfig
+    from trainer.config import ConfigError
+    from trainer.console import TrainingConsole, quiet_libraries
     from trainer.data import DataError
-    from trainer.fillmask import model_dir
     from trainer.model import ModelError
+    from trainer.rundir import CheckpointError, model_path
 
-    parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("models", nargs="+", help="run directories, saved model directories or Hub ids")
-    parser.add_argument("--split", choices=["validation", "test"], default="validation")
-    parser.add_argument("--dataset", default=DataConfig.dataset, help="Hub dataset name or local directory")
-    parser.add_argument("--dataset-config", default=DataConfig.dataset_config)
-    parser.add_argument("--tokenizer", default=None, help="default: the model's own tokenizer")
-    parser.add_argument("--block-size", type=int, default=DataConfig.block_size)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-blocks", type=int, default=None)
-    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or "-h" in argv or "--help" in argv:
+        print(USAGE)
+        return 0 if argv else 2
+    split, models, overrides = "validation", [], []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--split" or arg.startswith("--split="):
+            split = arg.split("=", 1)[1] if "=" in arg else next(args, "")
+        elif arg.startswith("--"):
+            overrides += [arg] if "=" in arg else [arg, next(args, "")]
+        else:
+            models.append(arg)
     quiet_libraries()
-
-    console = Console()
-    data_cfg = DataConfig(dataset=args.dataset, dataset_config=args.dataset_config, block_size=args.block_size,
-                          max_eval_blocks=args.max_blocks)
-    table = Table(title=f"MLM evaluation on {args.split} ({args.dataset})")
+    console = TrainingConsole()
+    table = Table(title=f"MLM evaluation on {split}")
     for column in ("model", "loss", "perplexity", "accuracy", "masked tokens"):
         table.add_column(column, justify="left" if column == "model" else "right")
     try:
-        for name in args.models:
-            metrics = evaluate_model(model_dir(name), data_cfg, args.split, args.batch_size, args.tokenizer,
-                                     args.mixed_precision, log=console.print)
-            table.add_row(name, f"{metrics['eval/loss']:.4f}", f"{metrics['eval/perplexity']:.2f}",
+        if split not in ("validation", "test"):
+            raise ConfigError(f"--split {split!r}: choose validation or test")
+        for name in models:
+            cfg = config_for(name, overrides)
+            metrics = evaluate_model(model_path(name), cfg, split, log=console.print, track=console.track)
+            table.add_row(escape(name), f"{metrics['eval/loss']:.4f}", f"{metrics['eval/perplexity']:.2f}",
                           f"{metrics['eval/accuracy']:.4f}", f"{metrics['eval/masked_tokens']:,}")
-    except (DataError, ModelError) as e:
-        console.print(f"[red]error:[/red] {e}")
+    except (ConfigError, DataError, ModelError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     console.print(table)
     return 0

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
 import torch
 
 from trainer.config import LogConfig
@@ -43,20 +41,31 @@ def comparison_rows(labels: list[str], probes: list[str], per_model: list[list])
     return [[probe, *(format_predictions(results[i]) for results in per_model)] for i, probe in enumerate(probes)]
 
 
-def model_dir(path: str) -> str:
-    """A run directory means its saved model; anything else is passed to from_pretrained as is."""
-    return str(Path(path) / "model") if (Path(path) / "model" / "config.json").is_file() else path
+def sample_rows(probes: list[str], results: list[list[tuple[str, float]]]) -> tuple[list[str], list[list]]:
+    """The fill-mask samples of one model as a table: (columns, rows)."""
+    rows = [[probe, format_predictions(predictions), predictions[0][0], round(predictions[0][1], 4)]
+            for probe, predictions in zip(probes, results)]
+    return ["probe", "top_k", "top_1", "top_1_prob"], rows
+
+
+def log_samples(cfg, model_dir, logger, step: int) -> None:
+    """Fill-mask predictions of the saved model, logged as a table (loading it back also proves the save)."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    model = AutoModelForMaskedLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    results = fill_mask(model, tokenizer, cfg.log.probes, cfg.log.fill_mask_top_k)
+    logger.log_table("samples/fill_mask", *sample_rows(cfg.log.probes, results), step)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rich.console import Console
-
-    from trainer.console import quiet_libraries
     from rich.markup import escape
     from rich.table import Table
     from transformers import AutoModelForMaskedLM
 
+    from trainer.console import TrainingConsole, quiet_libraries
     from trainer.data import DataError, load_tokenizer
+    from trainer.rundir import model_path
 
     parser = argparse.ArgumentParser(prog="python -m trainer.fillmask", description=__doc__.split("\n")[0])
     parser.add_argument("models", nargs="+", help="run directories, saved model directories or Hub ids")
@@ -67,15 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     probes = args.probe or LogConfig().probes
 
-    console = Console()
+    console = TrainingConsole()
     labels, per_model = [], []
-    for name in args.models:
-        path = model_dir(name)
+    for name in console.track(args.models, len(args.models), "fill-mask"):
+        path = model_path(name)
         try:
             tokenizer = load_tokenizer(path)
             model = AutoModelForMaskedLM.from_pretrained(path)
         except (DataError, OSError, ValueError) as e:
-            console.print(f"[red]error:[/red] cannot load {name}: {str(e).splitlines()[0]}")
+            print(f"error: cannot load {name}: {str(e).splitlines()[0]}", file=sys.stderr)
             return 2
         labels.append(name)
         per_model.append(fill_mask(model, tokenizer, probes, args.top_k))

@@ -2,6 +2,7 @@
 
     python -m trainer.hub scratch    # prints e.g. --data.dataset=../shared/data/wikitext-2-raw-v1 ...
     python -m trainer.hub finetune
+    python -m trainer.evaluate runs/x/model $(python -m trainer.hub scratch)   # the same overrides work there
 
 With the Hub reachable nothing is printed and the recipes load `wikitext` and `bert-base-uncased`
 from it. Without it, the local copies in $SHARED_DATA (default ../shared/data) are used, and for
@@ -60,8 +61,6 @@ def main(argv: list[str]) -> int:
     overrides = local_data_overrides(shared)
     note = f"Hub unreachable: using local data in {shared}" if overrides else (
         f"Hub unreachable and no local data in {shared}: the run will fail to load WikiText")
-    if recipe == "eval":  # flags of `python -m trainer.evaluate`
-        overrides = [o.replace("--data.dataset=", "--dataset=") for o in overrides if o.startswith("--data.dataset=")]
     if recipe == "finetune":
         encoder = offline_encoder()
         if encoder is None:

@@ -1,12 +1,19 @@
-"""MLM metrics. Perplexity = exp(sum of masked-token cross-entropy / number of masked tokens).
+"""MLM metrics and the per-interval accounting of training.
 
-Sums, not means, are accumulated (and all-reduced across processes), so a metric over many batches
-or ranks is exactly the metric over all their masked tokens together.
+Perplexity = exp(sum of masked-token cross-entropy / number of masked tokens). Sums, not means, are
+accumulated (and all-reduced across processes), so a metric over many batches or ranks is exactly the
+metric over all their masked tokens together.
+
+`IntervalMeter` owns what one logging interval adds up (loss sums, gradient norms, steps, tokens,
+time) and turns it into the `train/*` record; `model_flops_per_token` and `peak_flops` give its MFU.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import resource
+import time
 from dataclasses import dataclass
 
 import torch
@@ -33,11 +40,20 @@ class MLMTotals:
         self.tokens = self.tokens + token_loss.numel()
         self.correct = self.correct + correct.sum()
 
-    def merge(self, other: "MLMTotals", keep: torch.Tensor) -> None:
+    def merge(self, other: MLMTotals, keep: torch.Tensor) -> None:
         """Add `other`'s sums if the 0/1 device tensor `keep` is 1 (0: a skipped step), without a host sync."""
         self.loss_sum = self.loss_sum + torch.where(keep > 0, other.loss_sum, 0.0)  # NaN * 0 would be NaN
         self.tokens = self.tokens + other.tokens * keep
         self.correct = self.correct + other.correct * keep
+
+    def reduced(self, accelerator) -> MLMTotals:
+        """The sums over all processes, on the host (one all-reduce, one host sync)."""
+        packed = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=accelerator.device)
+                              for x in (self.loss_sum, self.tokens, self.correct)])
+        if accelerator.num_processes > 1:
+            packed = accelerator.reduce(packed, reduction="sum")
+        loss_sum, tokens, correct = packed.tolist()
+        return MLMTotals(loss_sum, round(tokens), round(correct))
 
     def compute(self, prefix: str) -> dict[str, float]:
         loss_sum, correct = float(self.loss_sum), round(float(self.correct))
@@ -49,3 +65,94 @@ class MLMTotals:
             f"{prefix}/accuracy": correct / max(tokens, 1),
             f"{prefix}/masked_tokens": tokens,
         }
+
+
+class IntervalMeter:
+    """What the steps of one logging interval add up to; `flush` turns it into the `train/*` metrics.
+
+    Step time is wall time since the previous step ended, so data loading counts; work that is not
+    training (evaluation, checkpoints, logging) calls `restart_clock` and is left out. Device sums
+    are read only in `flush`.
+    """
+
+    def __init__(self, device: torch.device, flops_per_token: float, peak_flops: float | None):
+        self.device, self.flops_per_token, self.peak_flops = device, flops_per_token, peak_flops
+        self.session_tokens = self.session_seconds = 0.0  # this process's lifetime (a resume restarts it)
+        self.reset()
+        self.restart_clock()
+
+    def reset(self) -> None:
+        self.totals, self.grad_norm_sum = MLMTotals(), torch.zeros((), device=self.device)
+        self.steps, self.tokens, self.seconds = 0, 0, 0.0
+
+    def restart_clock(self) -> None:
+        self.clock = time.perf_counter()
+
+    def add(self, totals: MLMTotals, grad_norm: torch.Tensor, updated: torch.Tensor, tokens: int) -> None:
+        now = time.perf_counter()
+        self.totals.merge(totals, keep=updated)
+        self.grad_norm_sum = self.grad_norm_sum + torch.where(updated > 0, grad_norm, 0.0)
+        self.steps, self.tokens, self.seconds = self.steps + 1, self.tokens + tokens, self.seconds + now - self.clock
+        self.session_tokens, self.session_seconds = self.session_tokens + tokens, self.session_seconds + now - self.clock
+        self.clock = now
+
+    def flush(self, accelerator, skipped: int) -> dict[str, float]:
+        """The interval's metrics (empty if every step was skipped), then start a new interval."""
+        metrics = {}
+        if self.steps > skipped:
+            tokens_per_s = self.tokens / max(self.seconds, 1e-9)
+            metrics = {
+                **self.totals.reduced(accelerator).compute("train"),
+                "train/grad_norm": float(self.grad_norm_sum) / (self.steps - skipped),  # before clipping
+                "train/tokens_per_s": tokens_per_s,
+                "train/peak_memory_gib": peak_memory_bytes(self.device) / 2**30,
+            }
+            if self.peak_flops:
+                # tokens/s counts every process's tokens; the peak is one device's
+                metrics["train/mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * accelerator.num_processes)
+        self.reset()
+        return metrics
+
+    @property
+    def session_tokens_per_s(self) -> float | None:
+        return self.session_tokens / self.session_seconds if self.session_seconds else None
+
+
+def model_flops_per_token(config, block_size: int, mlm_probability: float) -> float:
+    """Matmul FLOPs of one training token, forward and backward (3x forward): the encoder on every
+    token, attention scores over the block, the MLM head on the masked share of tokens only."""
+    h, f, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    encoder = layers * (2 * (4 * h * h + 2 * h * f) + 2 * 2 * block_size * h)
+    head = mlm_probability * 2 * (h * h + h * vocab)
+    return 3.0 * (encoder + head)
+
+
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by device name.
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+                 "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+@functools.cache
+def peak_flops(device_type: str, precision: str) -> float | None:
+    """One device's peak matmul FLOP/s: a table for known GPUs; on CPU, measured once (0.3 s)."""
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
+        return peak if precision in ("bf16", "fp16") or peak is None else peak / 2  # tf32: half rate
+    if device_type != "cpu":
+        return None
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(1024, 1024, dtype=dtype)
+    a @ a
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < 0.3:
+        a @ a
+        n += 1
+    return 2 * 1024**3 * n / (time.perf_counter() - start)
+
+
+def peak_memory_bytes(device: torch.device) -> float:
+    """The CUDA allocator's peak on GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0

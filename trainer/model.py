@@ -93,6 +93,28 @@ def check_block_size(model: BertForMaskedLM, block_size: int) -> None:
         )
 
 
+def check_attention_fits(num_layers: int, num_heads: int, block_size: int, batch_size: int, device) -> None:
+    """Refuse, before anything is allocated, a block size whose attention would not fit in memory: the
+    CPU and eager paths keep scores, probabilities and the dropout mask (fp32, B x heads x L x L) of
+    every layer for the backward pass."""
+    needed = 3 * 4 * batch_size * num_heads * block_size**2 * num_layers
+    available = available_memory(device)
+    if available is not None and needed > available:
+        raise ModelError(f"data.block_size={block_size}: attention over {batch_size} blocks x {num_heads} heads x "
+                         f"{block_size}^2 positions x {num_layers} layers needs ~{needed / 2**30:.1f} GiB, "
+                         f"{available / 2**30:.1f} GiB is available; lower --data.block_size or --train.batch_size")
+
+
+def available_memory(device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
 def count_parameters(model: nn.Module) -> int:
     """Unique parameters (the tied output projection counts once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -144,6 +166,18 @@ def use_fast_dropout(model: BertForMaskedLM) -> None:
                 setattr(child, attr, FastDropout(sub.p).train(sub.training))
     if model.config._attn_implementation == "sdpa":
         model.set_attn_implementation(ATTENTION_WITH_FAST_DROPOUT)
+
+
+def training_model(hf_model: BertForMaskedLM, cfg, device: torch.device) -> SparseMLM:
+    """What the training step runs (the loop and bench/bench.py): fast dropout on CPU in eager mode,
+    the masked-rows-only head, and torch.compile when `train.compile` asks for it."""
+    # CUDA's dropout kernels are already fused, and under torch.compile inductor generates its own.
+    if cfg.model.fast_dropout and device.type == "cpu" and not cfg.train.compile:
+        use_fast_dropout(hf_model)
+    model = SparseMLM(hf_model)
+    if cfg.train.compile:
+        model.compile_encoder()
+    return model
 
 
 class SparseMLM(nn.Module):

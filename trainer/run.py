@@ -1,20 +1,13 @@
-"""Entry point: `accelerate launch trainer/run.py RECIPE.py [--resume[=PATH]] [--section.key=value ...]`.
+"""Entry point: `accelerate launch trainer/run.py RECIPE.py [--resume[=RUN]] [--section.key=value ...]`,
+or `accelerate launch trainer/run.py --resume=RUN` (the run's own config). `-h` lists every field.
 
-Also runs as `python trainer/run.py ...` or `python -m trainer.run ...` (one process).
+Also runs as `python trainer/run.py ...` or `python -m trainer.run ...` (one process). Exit codes:
+0 finished, 2 bad input or an unusable file (one line on stderr), 3 stopped for non-finite values,
+128 + signal number when a signal stopped it (143 SIGTERM or the launcher exiting, 130 SIGINT).
 """
 
-import os
 import sys
 from pathlib import Path
-
-# glibc returns large freed blocks to the OS and maps new ones, so each step's fresh 31 MB
-# embedding gradient page-faults again (slow on VMs). Keeping freed memory in the heap is up to
-# 2x faster on CPU; tunables are read at process start, hence the re-exec. TRAINER_MALLOC_TUNING=0 skips it.
-MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"
-if (__name__ == "__main__" and sys.platform == "linux" and "GLIBC_TUNABLES" not in os.environ
-        and os.environ.get("TRAINER_MALLOC_TUNING", "1") != "0"):
-    os.environ["GLIBC_TUNABLES"] = MALLOC_TUNABLES
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 if __package__ in (None, ""):
     # Launched as a file: make the `trainer` package importable, and keep trainer/ itself off
@@ -23,22 +16,36 @@ if __package__ in (None, ""):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.checkpoint import CheckpointError
-    from trainer.config import ConfigError, build_config
+    from trainer.config import ConfigError, HelpRequested, USAGE, build_config, help_text, parse_command_line
     from trainer.data import DataError
     from trainer.loop import TrainingStopped, train
     from trainer.model import ModelError
+    from trainer.rundir import CheckpointError, resume_config
     from trainer.tracking import TrackerError
 
     argv = sys.argv[1:] if argv is None else argv
     try:
-        config, cli = build_config(argv)
-        train(config, resume=cli.resume, recipe=cli.recipe)
-    except (ConfigError, DataError, ModelError, CheckpointError, TrackerError, TrainingStopped) as e:
+        cli = parse_command_line(argv)
+        if cli.resume is not None:
+            config, checkpoint = resume_config(cli)
+            summary = train(config, resume=str(checkpoint), recipe=cli.recipe)
+        else:
+            config, _ = build_config(argv)
+            summary = train(config, recipe=cli.recipe)
+    except HelpRequested:
+        print(f"{USAGE}\n\n{help_text()}")
+        return 0
+    except TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (ConfigError, DataError, ModelError, CheckpointError, TrackerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return summary["exit_code"]
 
 
 if __name__ == "__main__":
+    from trainer.runtime import use_malloc_tunables
+
+    use_malloc_tunables()
     sys.exit(main())

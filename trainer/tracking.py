@@ -1,12 +1,14 @@
-"""Experiment tracking: Accelerate's trackers (W&B or TensorBoard) plus a local JSONL file per run.
+"""Experiment tracking: the loop emits each record once to a `MetricLogger`, which hands it to its sinks.
 
-Only the main process logs. Every record carries `step` (optimizer steps) and `tokens` (input tokens
-seen), and W&B plots every metric against `step` (`define_metric`); pick `tokens` as the x-axis to
-compare runs with different batch sizes. `metrics.jsonl`, `config.json` and `summary.json` in the run
-directory hold the same numbers offline; `python -m trainer.compare` reads them.
+Sinks: `metrics.jsonl` + `summary.json` in the run directory (always), the console (console.py), and
+the trackers named in `log.tracker`, started through Accelerate's `log_with` (W&B, TensorBoard,
+trackio; several at once). Only the main process has sinks. Adding a tracker is one class below and
+one line in `TRACKERS`.
 
-W&B: with an API key the run is online; without one (or with WANDB_MODE=offline) it is written under
-`<run>/wandb/` and can be uploaded later with `wandb sync <run>/wandb/offline-run-*`.
+Every record carries `step` (optimizer steps), `tokens` (input tokens seen) and `time_s` (wall time of
+the run). W&B plots every metric against `step`; pick `tokens` as the x-axis to compare batch sizes.
+W&B without a login (no WANDB_API_KEY, no ~/.netrc entry) runs offline: `runs/wandb/offline-run-*`,
+uploaded later with `wandb sync`, browsed with `wandb leet runs/wandb`.
 """
 
 from __future__ import annotations
@@ -16,23 +18,199 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Protocol
 
-from trainer.checkpoint import write_json_atomic
-
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-CONFIG_FILE = "config.json"
+from trainer.rundir import METRICS_FILE, SUMMARY_FILE, read_jsonl, write_json_atomic
 
 
 class TrackerError(ValueError):
     """A requested tracker that cannot be used; reported as one line."""
 
 
-def check_tracker_installed(tracker: str) -> None:
-    module = {"wandb": "wandb", "tensorboard": "tensorboard"}.get(tracker)
-    if module and importlib.util.find_spec(module) is None:
-        raise TrackerError(f"--log.tracker={tracker} but the {module} package is not installed "
-                           f"(pip install {module}, or --tracker=none)")
+class MetricSink(Protocol):
+    def log(self, record: dict) -> None: ...
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None: ...
+    def summary(self, values: dict) -> None: ...
+    def close(self) -> None: ...
+
+
+class MetricLogger:
+    """The loop's one metrics interface: each record goes to every sink."""
+
+    def __init__(self, sinks: list[MetricSink]):
+        self.sinks = sinks
+
+    def log(self, record: dict) -> None:
+        for sink in self.sinks:
+            sink.log(record)
+
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        for sink in self.sinks:
+            sink.log_table(name, columns, rows, step)
+
+    def summary(self, values: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
+        for sink in self.sinks:
+            sink.summary(clean)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+class JsonlSink:
+    """metrics.jsonl (one record per line), summary.json and tables as JSON. A write that fails (a full
+    disk) prints one warning and is skipped: the trackers still get the records, training goes on."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None):
+        self.run_dir, self.warned = Path(run_dir), False
+        path = self.run_dir / METRICS_FILE
+        if resume_step is not None:  # drop what was logged after the checkpoint; it will be logged again
+            kept = [r for r in read_jsonl(path) if r.get("step", 0) <= resume_step]
+            self.guarded(lambda: path.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+        self.file = open(path, "a", buffering=1)
+
+    def guarded(self, write) -> None:
+        try:
+            write()
+        except OSError as e:
+            if not self.warned:
+                print(f"warning: cannot write to {self.run_dir} ({e.strerror}); metrics.jsonl misses records "
+                      f"from here on, trackers still get them", flush=True)
+                self.warned = True
+
+    def log(self, record: dict) -> None:
+        self.guarded(lambda: self.file.write(json.dumps(record) + "\n"))
+
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        path = self.run_dir / f"{name.replace('/', '_')}.json"
+        self.guarded(lambda: path.write_text(json.dumps({"columns": columns, "rows": rows}, indent=1)))
+
+    def summary(self, values: dict) -> None:
+        self.guarded(lambda: write_json_atomic(self.run_dir / SUMMARY_FILE, values))
+
+    def close(self) -> None:
+        self.guarded(self.file.close)
+
+
+# --------------------------------------------------------------------------- trackers through Accelerate
+
+
+class WandbSink:
+    """W&B: online with a login, else offline under `<output_root>/wandb`; a resumed run continues the
+    same W&B run (its id is the run directory's name)."""
+
+    name = "wandb"
+
+    @staticmethod
+    def init_kwargs(cfg, run_dir: Path, run_id: str) -> dict:
+        mode = wandb_mode()
+        if mode == "offline":
+            print(f"W&B offline (no API key): the run is saved under {run_dir.parent}/wandb; upload it later with: "
+                  f"wandb sync {run_dir.parent}/wandb/offline-run-*-{run_id}", flush=True)
+        return {"name": run_id, "id": run_id, "resume": "allow", "group": cfg.log.group or cfg.name,
+                "tags": [cfg.name, *cfg.log.tags], "dir": str(run_dir.parent), "mode": mode,
+                "job_type": "finetune" if cfg.model.pretrained else "pretrain"}
+
+    def __init__(self, accelerator):
+        self.run = accelerator.get_tracker("wandb", unwrap=True)
+        for axis in ("step", "tokens", "time_s"):
+            self.run.define_metric(axis)
+        self.run.define_metric("*", step_metric="step")
+
+    def log(self, record: dict) -> None:
+        # No `step=`: W&B keeps its own monotonic counter (a resume re-logs the steps after the
+        # checkpoint) and plots against our `step` metric instead.
+        self.run.log(record)
+
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        import wandb
+
+        self.run.log({name: wandb.Table(columns=columns, data=rows), "step": step})
+
+    def summary(self, values: dict) -> None:
+        self.run.summary.update(values)
+
+    def close(self) -> None:
+        pass  # accelerator.end_training() finishes the run
+
+
+class TensorBoardSink:
+    """TensorBoard event files under the run directory; scalars by `step`, tables as text."""
+
+    name = "tensorboard"
+
+    @staticmethod
+    def init_kwargs(cfg, run_dir: Path, run_id: str) -> dict:
+        return {}
+
+    def __init__(self, accelerator):
+        self.writer = accelerator.get_tracker("tensorboard", unwrap=True)
+
+    def log(self, record: dict) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, global_step=record["step"])
+        self.writer.flush()
+
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        self.writer.add_text(name, "\n".join(" | ".join(map(str, row)) for row in [columns, *rows]), step)
+
+    def summary(self, values: dict) -> None:
+        self.writer.add_text("summary", json.dumps(values, indent=1, default=str))
+
+    def close(self) -> None:
+        self.writer.flush()
+
+
+class TrackioSink:
+    """trackio: a local SQLite store under `<output_root>/trackio` and a browser dashboard on loopback
+    (`make dashboard`)."""
+
+    name = "trackio"
+
+    @staticmethod
+    def init_kwargs(cfg, run_dir: Path, run_id: str) -> dict:
+        # trackio reads TRACKIO_DIR when it is first imported, which is just after this.
+        os.environ.setdefault("TRACKIO_DIR", str(run_dir.parent / "trackio"))
+        return {"name": run_id, "group": cfg.log.group or cfg.name, "resume": "allow", "embed": False}
+
+    def __init__(self, accelerator):
+        self.run = accelerator.get_tracker("trackio", unwrap=True)
+
+    def log(self, record: dict) -> None:
+        self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        pass  # the tables are in the run directory and in W&B
+
+    def summary(self, values: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+TRACKERS = {sink.name: sink for sink in (WandbSink, TensorBoardSink, TrackioSink)}
+
+
+def check_trackers_installed(trackers: list[str]) -> None:
+    for name in trackers:
+        if name not in TRACKERS:
+            raise TrackerError(f"unknown tracker {name!r}; choose from {', '.join(TRACKERS)} or none")
+        if importlib.util.find_spec(name) is None:
+            raise TrackerError(f"--log.tracker={name} but the {name} package is not installed "
+                               f"(pip install {name}, or --log.tracker=none)")
+
+
+def open_trackers(accelerator, cfg, run_dir: Path, run_id: str) -> list[MetricSink]:
+    """Start the trackers Accelerate was given in `log_with`; returns their sinks (main process only)."""
+    if not cfg.log.tracker:
+        return []
+    init_kwargs = {name: TRACKERS[name].init_kwargs(cfg, run_dir, run_id) for name in cfg.log.tracker
+                   if accelerator.is_main_process}
+    accelerator.init_trackers(cfg.log.project, config=flatten(cfg.to_dict()), init_kwargs=init_kwargs)
+    return [TRACKERS[name](accelerator) for name in cfg.log.tracker] if accelerator.is_main_process else []
 
 
 def wandb_mode() -> str:
@@ -58,92 +236,6 @@ def wandb_credentials_found() -> bool:
         return path.is_file() and netrc.netrc(path).authenticators(host) is not None
     except (OSError, netrc.NetrcParseError):
         return False
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not Path(path).is_file():
-        return []
-    records = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            records.append(json.loads(line))
-    return records
-
-
-class RunTracker:
-    """Logs to the Accelerate tracker(s) and to `metrics.jsonl`; everything is a no-op off the main process."""
-
-    def __init__(self, accelerator, cfg, run_dir: Path, run_id: str, resume_step: int | None):
-        self.accelerator = accelerator
-        self.run_dir = Path(run_dir)
-        self.enabled = accelerator.is_main_process
-        self.tracker = cfg.log.tracker
-        if not self.enabled:
-            return
-        self.metrics_path = self.run_dir / METRICS_FILE
-        if resume_step is not None:  # drop what was logged after the checkpoint; it will be logged again
-            kept = [r for r in read_jsonl(self.metrics_path) if r.get("step", 0) <= resume_step]
-            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self.metrics_file = open(self.metrics_path, "a", buffering=1)
-        write_json_atomic(self.run_dir / CONFIG_FILE, {"run_id": run_id, **cfg.to_dict()})
-
-        if self.tracker == "none":
-            return
-        init_kwargs = {}
-        if self.tracker == "wandb":
-            mode = wandb_mode()
-            if mode == "offline":
-                print(f"W&B offline (no API key): the run is saved under {self.run_dir}/wandb; "
-                      f"upload it later with: wandb sync {self.run_dir}/wandb/offline-run-*")
-            init_kwargs["wandb"] = {
-                "name": run_id,  # the run directory's name: "<recipe>-<time>" or log.run_name
-                "id": run_id,
-                "resume": "allow",  # a resumed run continues the same W&B run
-                "group": cfg.log.group or cfg.name,
-                "tags": [cfg.name, *cfg.log.tags],
-                "dir": str(self.run_dir),
-                "job_type": "finetune" if cfg.model.pretrained else "pretrain",
-                "mode": mode,
-            }
-        accelerator.init_trackers(cfg.log.project, config=flatten(cfg.to_dict()), init_kwargs=init_kwargs)
-        if self.tracker == "wandb":
-            run = accelerator.get_tracker("wandb", unwrap=True)
-            run.define_metric("step")
-            run.define_metric("tokens")
-            run.define_metric("time_s")
-            run.define_metric("*", step_metric="step")
-
-    def log(self, metrics: dict, step: int, tokens: int, time_s: float) -> None:
-        if not self.enabled:
-            return
-        record = {"step": step, "tokens": tokens, "time_s": round(time_s, 3), **metrics}
-        self.metrics_file.write(json.dumps(record, allow_nan=True) + "\n")
-        if self.tracker != "none":
-            # No `step=`: W&B keeps its own monotonic counter (a resume re-logs steps after the
-            # checkpoint) and plots against our `step` metric instead.
-            self.accelerator.log(record if self.tracker == "wandb" else metrics, step=None if self.tracker == "wandb" else step)
-
-    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
-        if not self.enabled:
-            return
-        (self.run_dir / f"{name.replace('/', '_')}.json").write_text(json.dumps({"columns": columns, "rows": rows}, indent=1))
-        if self.tracker == "wandb":
-            self.accelerator.get_tracker("wandb").log_table(name, columns=columns, data=rows)
-        elif self.tracker == "tensorboard":
-            text = "\n".join(" | ".join(map(str, row)) for row in [columns, *rows])
-            self.accelerator.get_tracker("tensorboard", unwrap=True).add_text(name, text, step)
-
-    def summary(self, values: dict) -> None:
-        if not self.enabled:
-            return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
-        write_json_atomic(self.run_dir / SUMMARY_FILE, clean)
-        if self.tracker == "wandb":
-            self.accelerator.get_tracker("wandb", unwrap=True).summary.update(clean)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.metrics_file.close()
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -1,0 +1,161 @@
+"""What the process runs on, and how it is asked to stop: device and precision, malloc tuning, TF32,
+signals (SIGTERM, SIGINT, SIGUSR1, and the launcher exiting)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from pathlib import Path
+
+from trainer.config import ConfigError
+
+# glibc returns large freed blocks to the OS and maps new ones, so each step's fresh 31 MB embedding
+# gradient page-faults again (slow on VMs). Keeping freed memory in the heap is up to 2x faster on CPU.
+MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"
+
+
+def use_malloc_tunables() -> None:
+    """Re-exec this process with MALLOC_TUNABLES (glibc reads them at start only); TRAINER_MALLOC_TUNING=0 skips it."""
+    if (sys.platform == "linux" and "GLIBC_TUNABLES" not in os.environ
+            and os.environ.get("TRAINER_MALLOC_TUNING", "1") != "0"):
+        os.environ["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def cuda_in_use() -> bool:
+    """CUDA is there and not switched off (accelerate's use_cpu / ACCELERATE_USE_CPU)."""
+    import torch
+
+    return torch.cuda.is_available() and not env_flag("ACCELERATE_USE_CPU")
+
+
+def check_device_matches_launch() -> None:
+    """A launch that asks for GPUs (a GPU accelerate config, several processes, FSDP, DeepSpeed) on a
+    machine where CUDA is not usable stops here, instead of training silently on the CPU."""
+    import torch
+
+    if cuda_in_use() or env_flag("ACCELERATE_USE_CPU"):
+        return
+    launched_by_accelerate = "ACCELERATE_USE_CPU" in os.environ or "LOCAL_RANK" in os.environ
+    asked = [what for what, yes in (
+        (f"gpu_ids {os.environ.get('CUDA_VISIBLE_DEVICES')}", launched_by_accelerate
+         and bool(os.environ.get("CUDA_VISIBLE_DEVICES"))),
+        (f"{os.environ.get('WORLD_SIZE')} processes", int(os.environ.get("WORLD_SIZE", "1")) > 1),
+        ("FSDP", env_flag("ACCELERATE_USE_FSDP")),
+        ("DeepSpeed", env_flag("ACCELERATE_USE_DEEPSPEED")),
+    ) if yes]
+    if asked:
+        reason = "no CUDA device" if not torch.cuda.is_available() else "CUDA unusable"
+        raise ConfigError(f"the launch asks for GPUs ({', '.join(asked)}) but this machine has {reason} "
+                          f"(torch {torch.__version__}); use accelerate_configs/cpu.yaml, or for several CPU "
+                          f"processes set ACCELERATE_USE_CPU=1 (accelerate_configs/cpu_2proc.yaml)")
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    """'auto' -> bf16 where the hardware runs it natively (CUDA compute capability 8+, a CPU with
+    avx512_bf16/AMX), fp16 on older GPUs, else fp32."""
+    import torch
+
+    use_cuda = cuda_in_use()
+    if choice == "fp16" and not use_cuda:
+        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU (Accelerate would silently train in fp32 "
+                          "on CPU); use --train.mixed_precision=bf16 or no")
+    if choice != "auto":
+        return choice
+    if use_cuda:  # V100/T4 report bf16 "supported" but emulate it, slower than fp16
+        return "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "no"
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def enable_tf32() -> None:
+    """TF32 tensor cores for the fp32 matmuls that autocast leaves in fp32 (and for fp32 runs)."""
+    import torch
+
+    if cuda_in_use():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+# --------------------------------------------------------------------------- stop signals
+
+PR_SET_PDEATHSIG = 1
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class StopRequest:
+    """SIGTERM, SIGINT and SIGUSR1 set a flag; the loop finishes its step, checkpoints and exits with
+    128 + the signal number. A second SIGTERM/SIGINT kills at once.
+
+    `accelerate launch` runs a one-process job as a child and does not forward signals: a scheduler's
+    SIGTERM kills the launcher only. The child asks the kernel for SIGUSR1 when its parent dies, and
+    stops as if it had received SIGTERM (exit 143). SIGUSR1 never escalates: Ctrl-C reaches both
+    processes, and the launcher's death that follows must not count as a second Ctrl-C.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name: str | None = None
+        self.exit_code = 0
+        self.previous = {}
+        self.parent = os.getppid()
+        for sig in STOP_SIGNALS:
+            try:
+                self.previous[sig] = signal.signal(sig, self.handle)
+            except ValueError:  # not the main thread (e.g. a notebook helper thread): no handler
+                pass
+        if self.previous and sys.platform == "linux":
+            try:
+                ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGUSR1))
+            except (OSError, AttributeError):
+                pass
+
+    def handle(self, signum, frame) -> None:
+        sig = signal.Signals(signum)
+        if sig == signal.SIGUSR1 and os.getppid() != self.parent:
+            name, code = "launcher exited", 128 + signal.SIGTERM
+        else:
+            name, code = sig.name, 128 + signum
+        if not self.requested:
+            self.requested, self.signal_name, self.exit_code = True, name, code
+            print(f"\n{name}: finishing the current step, then checkpointing (again to stop at once)",
+                  file=sys.stderr, flush=True)
+        if sig != signal.SIGUSR1:  # a second SIGTERM or Ctrl-C kills at once
+            for other in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(other, signal.SIG_DFL)
+
+    def agreed(self, accelerator, at_log_step: bool) -> bool:
+        """Whether to stop after this step. One process reads its own flag (no device work); several
+        agree at logging steps (one all-reduce), so they all stop at the same step."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        if not at_log_step:
+            return False
+        import torch
+
+        flag = accelerator.reduce(torch.tensor(float(self.requested), device=accelerator.device), reduction="max")
+        if flag.item() and not self.requested:
+            self.requested, self.signal_name, self.exit_code = True, "signal on another process", 128 + signal.SIGTERM
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        if sys.platform == "linux" and self.previous:
+            try:
+                ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, 0)
+            except (OSError, AttributeError):
+                pass
