@@ -63,21 +63,22 @@ def matmul_peak(dtype_name: str) -> float:
     return 2 * 2048**3 * n / (time.perf_counter() - start) / 1e9
 
 
-def run_variant(variant: str, batch: int, seconds: float) -> dict:
+def run_variant(variant: str, batch: int, seconds: float, overrides: list[str] = ()) -> dict:
     """Runs inside the child process."""
     import torch
 
-    from trainer.config import Config, ModelConfig, TrainConfig
+    from trainer.config import Config, ModelConfig, TrainConfig, apply_overrides
     from trainer.data import MLMCollator, dense_labels, load_tokenizer
     from trainer.metrics import model_flops_per_token
     from trainer.model import build_model
 
     torch.manual_seed(0)
+    cfg = apply_overrides(Config(model=ModelConfig(), train=TrainConfig(compile=variant.endswith("compile"))),
+                          [f"--{o}" for o in overrides])
     tokenizer = load_tokenizer(tokenizer_source())
-    collator = MLMCollator(tokenizer, 0.15, seed=0)
+    collator = MLMCollator(tokenizer, cfg.data.mlm_probability, seed=0)
     blocks = random_blocks(tokenizer, batch * 16)
     batches = [collator([(i * batch + j, blocks[i * batch + j]) for j in range(batch)]) for i in range(16)]
-    cfg = Config(model=ModelConfig(), train=TrainConfig(compile=variant.endswith("compile")))
     hf, _ = build_model(cfg.model, len(tokenizer))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -208,22 +209,27 @@ def main() -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--seconds", type=float, default=12.0, help="timed seconds per variant")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on CPU)")
+    parser.add_argument("--variants", nargs="+", default=["plain-hf", "plain-hf+malloc", "trainer"],
+                        help="which steps to time (trainer+compile: also with --compile)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override for the trainer's step, e.g. --set optim.name=muon (repeatable)")
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(run_variant(args.child[0], int(args.child[1]), args.seconds)))
+        print("RESULT " + json.dumps(run_variant(args.child[0], int(args.child[1]), args.seconds, args.set)))
         return 0
 
     from rich.console import Console
     from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 130)
-    variants = ["plain-hf", "plain-hf+malloc", "trainer"] + (["trainer+compile"] if args.compile else [])
+    variants = args.variants + (["trainer+compile"] if args.compile else [])
     results = []
     for batch in args.batch:
         for variant in variants:
             console.print(f"running {variant} batch {batch} ...")
-            out = subprocess.run([sys.executable, __file__, "--child", variant, str(batch), "--seconds", str(args.seconds)],
+            out = subprocess.run([sys.executable, __file__, "--child", variant, str(batch), "--seconds", str(args.seconds),
+                                  *(f"--set={o}" for o in args.set)],
                                  env=child_env(variant), capture_output=True, text=True)
             line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
             if out.returncode or not line:

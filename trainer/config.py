@@ -44,6 +44,9 @@ class ModelConfig:
     max_position_embeddings: int = option(512, "rows of the learned position table (longest block)")
     dropout: float = option(0.1, "hidden and attention-probability dropout")
     init_std: float = option(0.02, "std of the normal init of every weight matrix and embedding (BERT's 0.02)")
+    zero_init_output: bool = option(
+        False, "start each layer's attention-output and feed-forward-output matrices at zero (each "
+               "residual branch starts as a no-op)")
     sinusoidal_position_init: bool = option(
         False, "start the position embeddings as sinusoids (at init_std scale) instead of noise: position "
                "p+k is then a linear map of position p from step 0; the model stays a plain BertForMaskedLM")
@@ -70,12 +73,21 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = option(5e-4, "peak learning rate")
-    weight_decay: float = option(0.01, "AdamW weight decay (not on biases and LayerNorm weights)")
+    name: Literal["adamw", "muon"] = option(
+        "adamw", "adamw: AdamW everywhere; muon: torch.optim.Muon on the encoder's and head's 2-D hidden "
+                 "matrices, AdamW (lr, betas) on embeddings, LayerNorms and biases")
+    lr: float = option(5e-4, "peak learning rate (of AdamW)")
+    weight_decay: float = option(0.01, "decoupled weight decay (not on biases and LayerNorm weights)")
     beta1: float = option(0.9, "Adam beta1")
     beta2: float = option(0.999, "Adam beta2")
     eps: float = option(1e-8, "Adam epsilon")
-    schedule: Literal["linear", "cosine", "constant"] = option("linear", "learning-rate decay after warmup")
+    muon_lr: float = option(0.02, "peak learning rate of Muon's matrices (optim.name=muon)")
+    muon_momentum: float = option(0.95, "Muon's Nesterov momentum")
+    muon_ns_steps: int = option(5, "Newton-Schulz iterations per Muon update (fewer: cheaper, rougher)")
+    schedule: Literal["linear", "cosine", "constant", "wsd"] = option(
+        "linear", "learning-rate shape after warmup; wsd = constant, then linear decay to 0 over the last "
+                  "optim.decay_ratio of the steps")
+    decay_ratio: float = option(0.2, "fraction of the steps in the final decay of the wsd schedule")
     warmup_ratio: float = option(0.06, "fraction of the optimizer steps spent warming up linearly from 0")
     grad_clip: float = option(1.0, "max global gradient norm; 0 disables clipping (the norm is still logged)")
     fused: bool = option(True, "fused AdamW kernel where torch has one for the device")
@@ -179,6 +191,10 @@ class Config:
             (o.lr > 0, f"optim.lr={o.lr} must be positive"),
             (0.0 <= o.warmup_ratio < 1.0, f"optim.warmup_ratio={o.warmup_ratio} must be in [0, 1)"),
             (o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)"),
+            (o.muon_lr > 0 and 0 <= o.muon_momentum < 1 and 1 <= o.muon_ns_steps <= 10,
+             "optim.muon_lr must be > 0, optim.muon_momentum in [0, 1), optim.muon_ns_steps in 1..10"),
+            (0.0 < o.decay_ratio <= 1.0 and o.warmup_ratio + (o.decay_ratio if o.schedule == "wsd" else 0) <= 1.0,
+             f"optim.decay_ratio={o.decay_ratio} must be in (0, 1], and with warmup_ratio at most 1"),
             (t.epochs >= 1, f"train.epochs={t.epochs} must be at least 1"),
             (t.max_steps is None or t.max_steps >= 1, f"train.max_steps={t.max_steps} must be at least 1"),
             (t.batch_size >= 1 and t.eval_batch_size >= 1 and t.grad_accum >= 1,

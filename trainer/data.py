@@ -64,7 +64,18 @@ def load_split_text(source: str, dataset_config: str, split: str, cache_dir: str
             hint = " (or point --data.train_dataset at a directory that has it)" if split == "train" else ""
             raise DataError(f"no {split} split in {path}: expected {names}{hint}")
         # The "text" builder makes one row per line; blank rows are dropped by `clean_lines`.
-        return datasets.load_dataset("text", data_files={split: str(file)}, split=split, cache_dir=cache_dir)
+        try:
+            return datasets.load_dataset("text", data_files={split: str(file)}, split=split, cache_dir=cache_dir)
+        except Exception as e:
+            if isinstance(e.__cause__ or e, UnicodeDecodeError):
+                try:
+                    file.read_bytes().decode("utf-8")
+                    where = ""
+                except UnicodeDecodeError as bad:
+                    where = f" (byte {bad.object[bad.start:bad.start + 1]!r} at offset {bad.start:,})"
+                raise DataError(f"{file} is not UTF-8 text{where}; convert it, e.g. "
+                                f"iconv -f latin1 -t utf-8 {file.name} > {file.stem}.utf8{file.suffix}") from None
+            raise
     if source.startswith((".", "/", "~")) or "\\" in source:
         raise DataError(f"dataset directory not found: {source}")
     try:

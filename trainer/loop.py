@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import (TrainState, best_checkpoint, load_checkpoint, parameters_finite,
+from trainer.checkpoint import (TrainState, best_checkpoint, load_checkpoint, parameters_finite, read_state,
                                 remove_partial_saves, save_checkpoint)
 from trainer.config import Config, ConfigError
 from trainer.console import ConsoleSink, TrainingConsole, quiet_libraries
@@ -64,6 +64,8 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None, recipe: str | None = None):
         self.cfg, self.recipe = cfg, recipe
         self.resume_from = find_checkpoint(resume, Path(cfg.log.output_root), cfg.name) if resume else None
+        if self.resume_from is not None:
+            read_state(self.resume_from)  # a broken state file fails here, before any work
         self.state = TrainState()
         self.started = time.time()
         self.stop = StopRequest()
@@ -117,15 +119,25 @@ class Trainer:
                            f"{accelerator.num_processes}  device {accelerator.device}  precision "
                            f"{accelerator.mixed_precision}")
         set_seed(cfg.train.seed)  # identical initial weights on every process
+        if not cfg.model.pretrained:  # before anything is loaded; a pretrained model is checked once loaded
+            check_attention_fits(cfg.model.num_layers, cfg.model.num_heads, cfg.data.block_size,
+                                 cfg.train.batch_size, accelerator.device)
 
     def pick_run_dir(self) -> Path:
-        """The resumed run's directory (cleared of interrupted saves), or a new one with the config in it."""
+        """The resumed run's directory (cleared of interrupted saves), or a new one. Its config.json is
+        the latest session's config, so the printed resume command continues what this session runs."""
         if self.resume_from is not None:
             run_dir = run_dir_of(self.resume_from)
             remove_partial_saves(run_dir)
-            return run_dir
-        run_dir = create_run_dir(Path(self.cfg.log.output_root), self.cfg.log.run_name, self.cfg.name)
-        write_json_atomic(run_dir / CONFIG_FILE, {"run_id": run_dir.name, "recipe": self.recipe, **self.cfg.to_dict()})
+        else:
+            run_dir = create_run_dir(Path(self.cfg.log.output_root), self.cfg.log.run_name, self.cfg.name)
+        config = {"run_id": run_dir.name, "recipe": self.recipe, **self.cfg.to_dict()}
+        try:
+            write_json_atomic(run_dir / CONFIG_FILE, config)
+        except OSError as e:
+            if self.resume_from is None:
+                raise ConfigError(f"cannot write to output directory {run_dir} ({e.strerror})") from None
+            print(f"warning: {run_dir / CONFIG_FILE} not updated ({e.strerror})", flush=True)
         return run_dir
 
     def setup_data(self) -> None:
@@ -143,9 +155,6 @@ class Trainer:
 
     def setup_model(self) -> None:
         cfg, accelerator = self.cfg, self.accelerator
-        if not cfg.model.pretrained:  # before the model exists; a pretrained one is checked once loaded
-            check_attention_fits(cfg.model.num_layers, cfg.model.num_heads, cfg.data.block_size,
-                                 cfg.train.batch_size, accelerator.device)
         hf_model, report = build_model(cfg.model, len(self.tokenizer))
         check_block_size(hf_model, cfg.data.block_size)
         if cfg.model.pretrained:

@@ -61,10 +61,14 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> tuple[BertForMaskedLM, Loa
         )
         config._attn_implementation = cfg.attn_implementation
         model = BertForMaskedLM(config)
-        if cfg.sinusoidal_position_init:
-            with torch.no_grad():
+        with torch.no_grad():
+            if cfg.sinusoidal_position_init:
                 table = model.bert.embeddings.position_embeddings.weight
                 table.copy_(sinusoids(table.shape[0], table.shape[1]) * cfg.init_std)
+            if cfg.zero_init_output:
+                for layer in model.bert.encoder.layer:
+                    layer.attention.output.dense.weight.zero_()
+                    layer.output.dense.weight.zero_()
         report = LoadReport([], [])
     if model.config.vocab_size < vocab_size:
         raise ModelError(

@@ -32,17 +32,22 @@ class CheckpointError(ValueError):
     """A run or checkpoint that cannot be found, read or used; reported as one line."""
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write to a temporary file, fsync, rename: readers see the old file or the new one, never half."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file, fsync, rename: readers (and a full disk) see the old file or the new
+    one, never half of one."""
     tmp = Path(f"{path}.tmp")
     try:
         with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def read_json(path: Path) -> dict:

@@ -20,15 +20,57 @@ from trainer.metrics import MLMTotals
 
 
 def build_optimizer(model, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and LayerNorm weights (BERT's recipe)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
+    """AdamW with no weight decay on biases and LayerNorm weights (BERT's recipe); with optim.name=muon,
+    torch's Muon on the hidden matrices instead (all 2-D weights but the embeddings, which are also the
+    tied output projection), both behind one `Optimizers` that the schedule and Accelerate see as one."""
+    o = cfg.optim
+    decay, no_decay, hidden = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if o.name == "muon" and param.ndim == 2 and "embeddings" not in name:
+            hidden.append(param)
+        else:
             (no_decay if param.ndim < 2 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = cfg.optim.fused and device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                             eps=cfg.optim.eps, fused=fused)
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = o.fused and device.type in ("cuda", "cpu")
+    adamw = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
+    if not hidden:
+        return adamw
+    muon = torch.optim.Muon(hidden, lr=o.muon_lr, weight_decay=o.weight_decay, momentum=o.muon_momentum,
+                            ns_steps=o.muon_ns_steps)
+    return Optimizers(adamw, muon)
+
+
+class Optimizers(torch.optim.Optimizer):
+    """Several optimizers stepped as one. `param_groups` are the parts' own group dicts, so a
+    scheduler's learning-rate change reaches them; the state dict holds each part's."""
+
+    def __init__(self, *parts: torch.optim.Optimizer):  # no super().__init__: the parts own the groups
+        self.parts = parts
+        self.param_groups = [group for part in parts for group in part.param_groups]
+        self.defaults = {}
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+
+    @property
+    def state(self):
+        return {p: s for part in self.parts for p, s in part.state.items()}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for part in self.parts:
+            part.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for part, part_state in zip(self.parts, state_dict["parts"], strict=True):
+            part.load_state_dict(part_state)
 
 
 def build_scheduler(optimizer, cfg: Config, total_steps: int):
@@ -36,9 +78,14 @@ def build_scheduler(optimizer, cfg: Config, total_steps: int):
     optimizer step, whatever the number of processes."""
     from transformers import get_scheduler
 
-    name = "constant_with_warmup" if cfg.optim.schedule == "constant" else cfg.optim.schedule
-    return get_scheduler(name, optimizer, num_warmup_steps=round(cfg.optim.warmup_ratio * total_steps),
-                         num_training_steps=total_steps)
+    o = cfg.optim
+    warmup = round(o.warmup_ratio * total_steps)
+    if o.schedule == "wsd":
+        return get_scheduler("warmup_stable_decay", optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                             scheduler_specific_kwargs={"num_decay_steps": round(o.decay_ratio * total_steps),
+                                                        "decay_type": "linear"})
+    name = "constant_with_warmup" if o.schedule == "constant" else o.schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 def grad_norm_tensor(grad_norm, device: torch.device) -> torch.Tensor:

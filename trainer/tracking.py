@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from trainer.rundir import METRICS_FILE, SUMMARY_FILE, read_jsonl, write_json_atomic
+from trainer.rundir import METRICS_FILE, SUMMARY_FILE, read_jsonl, write_json_atomic, write_text_atomic
 
 
 class TrackerError(ValueError):
@@ -67,7 +67,7 @@ class JsonlSink:
         path = self.run_dir / METRICS_FILE
         if resume_step is not None:  # drop what was logged after the checkpoint; it will be logged again
             kept = [r for r in read_jsonl(path) if r.get("step", 0) <= resume_step]
-            self.guarded(lambda: path.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+            self.guarded(lambda: write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept)))
         self.file = open(path, "a", buffering=1)
 
     def guarded(self, write) -> None:

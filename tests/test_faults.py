@@ -1,0 +1,184 @@
+"""Faults and bad input, injected for real: a full filesystem, a kill during a save, broken files, and
+the one-line errors (exit 2) that each must give instead of a traceback."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, subprocess_env, write_recipe
+from trainer.checkpoint import read_state
+from trainer.rundir import STATE_FILE, list_checkpoints, read_jsonl
+from trainer.run import main
+
+pytestmark = pytest.mark.slow
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line_error(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- a full disk
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real 6 MiB tmpfs (root only: mount needs it)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount_point)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill(filesystem: Path, leave_bytes: int) -> Path:
+    """Fill the filesystem with a ballast file, leaving about `leave_bytes` free."""
+    ballast = filesystem / "ballast"
+    free = shutil.disk_usage(filesystem).free - leave_bytes
+    with open(ballast, "wb") as f:
+        f.write(b"\0" * max(free, 0))
+    return ballast
+
+
+def test_full_disk_while_saving_keeps_checkpoints_training_and_resume(make_config, small_filesystem, tmp_path, capsys):
+    cfg = make_config(train={"max_steps": 2, "save_every": 2}, log={"output_root": str(small_filesystem), "run_name": "full"})
+    recipe = write_recipe(tmp_path / "recipe.py", cfg)
+    run_dir = small_filesystem / "full"
+    assert main([str(recipe)]) == 0  # a checkpoint at step 2 and a model
+    ballast = fill(small_filesystem, leave_bytes=24 * 1024)  # room for log lines, not for a checkpoint
+
+    code, out, err = run_main([recipe, f"--resume={run_dir}", "--train.max_steps=6", "--train.save_every=2"], capsys)
+    assert code == 2
+    warnings = [line for line in out.splitlines() if "NOT saved" in line]
+    assert [w.split("NOT saved")[0] for w in warnings] == ["warning: checkpoint at step 4 ", "warning: checkpoint at step 6 "]
+    assert all("No space left on device" in w for w in warnings)  # training went on past the failed save
+    error = one_line_error(err)
+    assert f"cannot save the model to {run_dir}/model" in error and "MiB are free there" in error
+    assert f"accelerate launch trainer/run.py --resume={run_dir}" in error
+    assert [read_state(p).step for p in list_checkpoints(run_dir)] == [2]  # the good checkpoint is intact
+    assert not list((run_dir / "checkpoints").glob(".tmp-*")) and not (run_dir / "model").exists()
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r][:2] == [1, 2]
+
+    ballast.unlink()  # free the space, then resume as the error says
+    assert main([f"--resume={run_dir}"]) == 0
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r] == list(range(1, 7))
+    assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+def test_a_kill_during_a_save_leaves_only_complete_checkpoints(make_config, tmp_path):
+    """kill -9 timed to land while `.tmp-step-*` exists; the next start removes it and resumes."""
+    cfg = make_config(model={"hidden_size": 128, "intermediate_size": 512, "num_heads": 2},
+                      train={"epochs": 200, "save_every": 1, "keep_last": 1}, log={"run_name": "killed"})
+    run_dir = Path(cfg.log.output_root) / "killed"
+    recipe = write_recipe(tmp_path / "recipe.py", cfg)
+    for attempt in range(5):
+        process = subprocess.Popen([sys.executable, "trainer/run.py", str(recipe)] +
+                                   ([f"--resume={run_dir}"] if list_checkpoints(run_dir) else []),
+                                   cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+
+        def saving() -> bool:  # a save in progress, after at least one complete checkpoint
+            return bool(list_checkpoints(run_dir) and list((run_dir / "checkpoints").glob(".tmp-*")))
+
+        while not saving() and time.time() < deadline and process.poll() is None:
+            time.sleep(0.001)
+        process.kill()
+        process.wait()
+        if saving():
+            break
+    else:
+        pytest.fail("never caught a save in progress")
+    assert all((p / STATE_FILE).is_file() for p in (run_dir / "checkpoints").glob("step-*"))
+    last = read_state(list_checkpoints(run_dir)[-1]).step
+
+    from trainer.loop import train
+
+    cfg.train.max_steps = last + 2
+    summary = train(cfg, resume=str(run_dir))
+    assert summary["steps"] == last + 2 and not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+# --------------------------------------------------------------------------- bad input: one line, exit 2
+
+
+def test_bad_inputs_are_one_line_errors(make_config, tmp_path, tiny_corpus_dir, capsys):
+    cfg = make_config(train={"max_steps": 2, "save_every": 2}, log={"run_name": "good"})
+    recipe = write_recipe(tmp_path / "recipe.py", cfg)
+    root = Path(cfg.log.output_root)
+    assert main([str(recipe)]) == 0
+    good = root / "good"
+    latin1 = tmp_path / "latin1"
+    shutil.copytree(tiny_corpus_dir, latin1)
+    (latin1 / "wiki.train.raw").write_bytes((tiny_corpus_dir / "wiki.train.raw").read_bytes() + "café\n".encode("latin1"))
+    state = json.loads((good / "checkpoints" / "step-000002" / STATE_FILE).read_text())
+    empty_state, string_step = tmp_path / "empty", tmp_path / "string"
+    for broken, content in ((empty_state, {}), (string_step, {**state, "step": "200"})):
+        shutil.copytree(good, broken)
+        (broken / "checkpoints" / "step-000002" / STATE_FILE).write_text(json.dumps(content))
+
+    cases = [
+        ([recipe, f"--data.dataset={latin1}", "--log.run_name=x1"], "wiki.train.raw is not UTF-8 text (byte b'\\xe9'"),
+        ([recipe, "--data.block_size=60000", "--model.max_position_embeddings=60000", "--log.run_name=x2"],
+         "data.block_size=60000: attention over 8 blocks x 2 heads x 60000^2 positions x 2 layers needs"),
+        ([recipe, "--log.run_name=good"], f"run directory {good} already exists: continue it with --resume={good}"),
+        ([f"--resume={good}"], f"run {good.resolve()} is already at step 2 of 2: nothing to train"),
+        ([f"--resume={good}", "--optim.lr=0.1", "--train.batch_size=4"], "--resume cannot change what the run trains "
+         "on or how (optim.lr: run 0.003, now 0.1; train.batch_size: run 8, now 4)"),
+        ([f"--resume={empty_state}", "--train.max_steps=4"], "trainer_state.json ValueError: missing ['step', 'epoch'"),
+        ([f"--resume={string_step}", "--train.max_steps=4"], "trainer_state.json ValueError: step='200' is not an integer"),
+    ]
+    for argv, expected in cases:
+        code, _, err = run_main(argv, capsys)
+        assert code == 2 and expected in one_line_error(err), (argv, err)
+    assert sorted(p.name for p in root.iterdir()) == ["good"]  # failed runs leave no directory behind
+
+
+def test_bare_resume_finds_runs_by_recipe_not_by_directory_name(make_config, tmp_path, capsys):
+    cfg = make_config(train={"max_steps": 2, "save_every": 2}, log={"run_name": "my-experiment"})
+    recipe = write_recipe(tmp_path / "recipe.py", cfg)
+    assert main([str(recipe)]) == 0
+    assert main([str(recipe), "--resume", "--train.max_steps=4"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert json.loads((Path(cfg.log.output_root) / "my-experiment" / "summary.json").read_text())["steps"] == 4
+
+
+def test_resume_restores_the_runs_own_config(make_config, tmp_path, capsys):
+    cfg = make_config(train={"max_steps": 2, "save_every": 2}, log={"run_name": "lr"})
+    recipe = write_recipe(tmp_path / "recipe.py", cfg)
+    run_dir = Path(cfg.log.output_root) / "lr"
+    assert main([str(recipe), "--optim.lr=0.002", "--optim.schedule=constant"]) == 0
+    # Without the overrides and without the recipe: the stored config (lr 0.002, constant) continues,
+    # with the accepted changes (steps, intervals, logging).
+    assert main([f"--resume={run_dir}", "--train.max_steps=4", "--train.log_every=2", "--train.eval_every=3"]) == 0
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r for r in records if "train/lr" in r][-1]["train/lr"] == pytest.approx(0.002 * 4 / 5)  # lr 0.002, constant after 5 warmup steps
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 4]
+
+
+def test_two_runs_started_in_the_same_second_get_two_directories(tmp_path):
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from trainer.rundir import create_run_dir; "
+            "time.sleep(max(0.0, float(sys.argv[3]) - time.time())); print(create_run_dir(sys.argv[2], None, 'x'))")
+    start = time.time() + 2.0  # both processes call mkdir at the same instant
+    processes = [subprocess.Popen([sys.executable, "-c", code, str(REPO), str(tmp_path), str(start)],
+                                  stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    made = {p.communicate(timeout=60)[0].strip() for p in processes}
+    assert len(made) == 2 and all(Path(d).is_dir() for d in made)
+    assert len({Path(d).name.removesuffix("-2") for d in made}) == 1  # same second, the second one suffixed
