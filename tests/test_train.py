@@ -240,9 +240,9 @@ def test_gradient_accumulation_equals_a_bigger_batch(make_config):
     train(accumulated)
     root = Path(big.log.output_root)
     a, b = records(root / "b8", "train"), records(root / "b4x2", "train")
-    assert max(abs(x["train/loss"] - y["train/loss"]) for x, y in zip(a, b)) < 1e-5
+    assert max(abs(x["train/loss"] - y["train/loss"]) for x, y in zip(a, b)) < 1e-6
     pa, pb = final_params(root / "b8"), final_params(root / "b4x2")
-    assert max((pa[k] - pb[k]).abs().max().item() for k in pa) < 1e-5
+    assert max((pa[k] - pb[k]).abs().max().item() for k in pa) < 1e-6
 
 
 def test_entry_point_reports_bad_input_in_one_line(make_config, tmp_path, capsys):
@@ -274,3 +274,91 @@ def test_requested_tracker_that_is_not_installed_is_an_error(make_config, monkey
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     with pytest.raises(TrackerError, match="tensorboard package is not installed"):
         train(make_config(log={"tracker": "tensorboard"}))
+
+
+def test_the_best_checkpoint_survives_when_eval_loss_rises(make_config, monkeypatch):
+    """keep_last=1, and the eval loss is lowest at step 4 of 12: step-4 stays beside the newest."""
+    import trainer.loop
+
+    losses = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])  # evaluations at steps 2, 4, ..., 12
+    real = trainer.loop.evaluate_mlm
+
+    def scripted(*args, **kwargs):
+        metrics = real(*args, **kwargs)
+        return {**metrics, "eval/loss": next(losses)}
+
+    monkeypatch.setattr(trainer.loop, "evaluate_mlm", scripted)
+    cfg = make_config(train={"save_every": 2, "eval_every": 2, "keep_last": 1, "max_steps": 12}, log={"run_name": "best"})
+    train(cfg)
+    run_dir = Path(cfg.log.output_root) / "best"
+    assert [read_state(p).step for p in list_checkpoints(run_dir)] == [4, 12]
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("no", torch.float32)])
+def test_bf16_autocast_is_really_on(make_config, monkeypatch, precision, dtype):
+    from trainer.model import SparseMLM
+
+    dtypes = []
+    forward = SparseMLM.forward
+
+    def spy(self, input_ids, mlm_positions, mlm_labels):
+        hidden = self.mlm.bert.encoder.layer[0].attention.self.query(self.mlm.bert.embeddings(input_ids=input_ids))
+        dtypes.append(hidden.dtype)
+        return forward(self, input_ids, mlm_positions, mlm_labels)
+
+    monkeypatch.setattr(SparseMLM, "forward", spy)
+    summary = train(make_config(train={"mixed_precision": precision, "max_steps": 2, "epochs": 1}))
+    assert set(dtypes) == {dtype} and math.isfinite(summary["final/eval_loss"])
+
+
+def test_tensorboard_receives_the_same_numbers_as_metrics_jsonl(make_config):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_config(train={"max_steps": 4, "eval_every": 2}, log={"tracker": ["tensorboard"], "run_name": "tb2"})
+    train(cfg)
+    run_dir = Path(cfg.log.output_root) / "tb2"
+    scalars = EventAccumulator(str(run_dir / cfg.log.project)).Reload()  # Accelerate: <project_dir>/<project>
+    for metric in ("train/loss", "eval/loss", "train/lr"):
+        logged = [(r["step"], r[metric]) for r in read_jsonl(run_dir / "metrics.jsonl") if metric in r]
+        seen = [(e.step, e.value) for e in scalars.Scalars(metric)]
+        assert [s for s, _ in seen] == [s for s, _ in logged] and len(logged) >= 2
+        assert [v for _, v in seen] == pytest.approx([v for _, v in logged], rel=1e-6)
+
+
+def test_eval_masks_do_not_depend_on_the_training_mask_rate(make_config):
+    first = [make_config(data={"mlm_probability": p}, train={"eval_at_start": True, "max_steps": 1},
+                         log={"run_name": f"p{p}"}) for p in (0.15, 0.6)]
+    starts = []
+    for cfg in first:
+        train(cfg)
+        starts.append(records(Path(cfg.log.output_root) / cfg.log.run_name, "eval")[0])
+    assert starts[0]["step"] == starts[1]["step"] == 0
+    assert starts[0]["eval/masked_tokens"] == starts[1]["eval/masked_tokens"]
+    assert starts[0]["eval/loss"] == starts[1]["eval/loss"]  # same weights, same masked positions and inputs
+
+
+def test_a_diverged_run_names_the_best_checkpoint_and_never_saves_a_broken_model(make_config, monkeypatch, capsys):
+    from trainer.model import SparseMLM
+
+    forward, calls = SparseMLM.forward, {"n": 0}
+
+    def diverging(self, *args, **kwargs):  # finite for 5 steps, then NaN for good
+        calls["n"] += 1
+        token_loss, correct = forward(self, *args, **kwargs)
+        return (token_loss * float("nan") if calls["n"] > 5 else token_loss), correct
+
+    monkeypatch.setattr(SparseMLM, "forward", diverging)
+    cfg = make_config(train={"max_steps": 40, "save_every": 2, "eval_every": 2, "log_every": 2, "max_nonfinite_skips": 3},
+                      log={"run_name": "diverged"})
+    with pytest.raises(TrainingStopped) as stopped:
+        train(cfg)
+    run_dir = Path(cfg.log.output_root) / "diverged"
+    best = min(records(run_dir, "eval"), key=lambda r: r["eval/loss"])["step"]
+    assert f"resume from the best checkpoint {run_dir}/checkpoints/step-{best:06d}" in str(stopped.value)
+
+    calls["n"] = 0
+    monkeypatch.setattr("trainer.loop.parameters_finite", lambda model: calls["n"] < 3)  # a broken model at step 4
+    cfg = make_config(train={"max_steps": 4, "save_every": 2}, log={"run_name": "broken"})
+    train(cfg)
+    assert "parameters are not finite at step 4: checkpoint NOT written" in capsys.readouterr().out
+    assert [read_state(p).step for p in list_checkpoints(Path(cfg.log.output_root) / "broken")] == [2]

@@ -29,8 +29,8 @@ from trainer.metrics import IntervalMeter, model_flops_per_token, peak_flops, pe
 from trainer.model import build_model, check_attention_fits, check_block_size, count_parameters, training_model
 from trainer.rundir import (CONFIG_FILE, MODEL_DIR, check_resume_config, create_run_dir, find_checkpoint,
                             remove_if_empty, run_dir_of, write_json_atomic)
-from trainer.runtime import (StopRequest, check_device_matches_launch, cuda_in_use, enable_tf32,
-                             resolve_mixed_precision)
+from trainer.runtime import (StopRequest, check_device_matches_launch, check_plugins_match_recipe, cuda_in_use,
+                             enable_tf32, force_cpu, resolve_mixed_precision)
 from trainer.step import TrainStep, build_optimizer, build_scheduler
 from trainer.tracking import JsonlSink, MetricLogger, check_trackers_installed, open_trackers
 
@@ -90,7 +90,7 @@ class Trainer:
         from accelerate import Accelerator, PartialState
         from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
 
-        cfg, state = self.cfg, PartialState(cpu=not cuda_in_use())
+        cfg, state = self.cfg, PartialState(cpu=force_cpu())
         if self.resume_from is not None:
             check_resume_config(cfg, run_dir_of(self.resume_from))
         shared = [None]  # the main process picks the run directory and shares it (or its error)
@@ -104,7 +104,7 @@ class Trainer:
             raise shared
         self.run_dir = shared
         self.accelerator = accelerator = Accelerator(
-            cpu=not cuda_in_use(),
+            cpu=force_cpu(),
             mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
             gradient_accumulation_steps=cfg.train.grad_accum,
             log_with=cfg.log.tracker or None,
@@ -114,10 +114,11 @@ class Trainer:
                                                       non_blocking=cuda_in_use()),  # with pinned memory
         )
         enable_tf32()
+        check_plugins_match_recipe(accelerator, cfg)
         self.console = TrainingConsole(accelerator.is_main_process)
         self.console.print(f"run [bold]{self.run_dir.name}[/bold]  dir {self.run_dir}  processes "
-                           f"{accelerator.num_processes}  device {accelerator.device}  precision "
-                           f"{accelerator.mixed_precision}")
+                           f"{accelerator.num_processes} ({accelerator.distributed_type.value})  device "
+                           f"{accelerator.device}  precision {accelerator.mixed_precision}")
         set_seed(cfg.train.seed)  # identical initial weights on every process
         if not cfg.model.pretrained:  # before anything is loaded; a pretrained model is checked once loaded
             check_attention_fits(cfg.model.num_layers, cfg.model.num_heads, cfg.data.block_size,

@@ -35,12 +35,19 @@ def cuda_in_use() -> bool:
     return torch.cuda.is_available() and not env_flag("ACCELERATE_USE_CPU")
 
 
+def force_cpu() -> bool:
+    """Accelerate's `cpu=` flag: on when CUDA is not in use, except under DeepSpeed, which places the
+    model itself (and on a CPU machine, with TRAINER_ALLOW_CPU=1, runs on the CPU)."""
+    return not cuda_in_use() and not env_flag("ACCELERATE_USE_DEEPSPEED")
+
+
 def check_device_matches_launch() -> None:
     """A launch that asks for GPUs (a GPU accelerate config, several processes, FSDP, DeepSpeed) on a
-    machine where CUDA is not usable stops here, instead of training silently on the CPU."""
+    machine where CUDA is not usable stops here, instead of training silently on the CPU.
+    TRAINER_ALLOW_CPU=1 lets it go on (to try a DeepSpeed or FSDP config on a CPU machine)."""
     import torch
 
-    if cuda_in_use() or env_flag("ACCELERATE_USE_CPU"):
+    if cuda_in_use() or env_flag("ACCELERATE_USE_CPU") or env_flag("TRAINER_ALLOW_CPU"):
         return
     launched_by_accelerate = "ACCELERATE_USE_CPU" in os.environ or "LOCAL_RANK" in os.environ
     asked = [what for what, yes in (
@@ -55,6 +62,29 @@ def check_device_matches_launch() -> None:
         raise ConfigError(f"the launch asks for GPUs ({', '.join(asked)}) but this machine has {reason} "
                           f"(torch {torch.__version__}); use accelerate_configs/cpu.yaml, or for several CPU "
                           f"processes set ACCELERATE_USE_CPU=1 (accelerate_configs/cpu_2proc.yaml)")
+
+
+def check_plugins_match_recipe(accelerator, cfg) -> None:
+    """The recipe decides accumulation and clipping: a DeepSpeed config that leaves them out (or "auto")
+    gets the recipe's values; one that sets others is refused, since the loop groups and scales
+    micro-batches by the recipe. Muon needs whole matrices, so not FSDP's or ZeRO's shards."""
+    from accelerate.utils import DistributedType
+
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if cfg.optim.name == "muon" and sharded:
+        raise ConfigError(f"optim.name=muon needs whole weight matrices; {accelerator.distributed_type.value} "
+                          f"shards them: use DDP (accelerate_configs/multi_gpu.yaml) or --optim.name=adamw")
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    for key, recipe_key, value in (("gradient_accumulation_steps", "train.grad_accum", cfg.train.grad_accum),
+                                   ("gradient_clipping", "optim.grad_clip", cfg.optim.grad_clip)):
+        if ds_config.get(key, "auto") == "auto":
+            ds_config[key] = value
+        elif float(ds_config[key]) != float(value):
+            raise ConfigError(f"the DeepSpeed config sets {key}={ds_config[key]} but the recipe has {recipe_key}="
+                              f"{value}: remove {key} from the accelerate config (the recipe decides) or pass "
+                              f"--{recipe_key}={ds_config[key]}")
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -129,13 +159,13 @@ class StopRequest:
             name, code = "launcher exited", 128 + signal.SIGTERM
         else:
             name, code = sig.name, 128 + signum
+        if sig != signal.SIGUSR1:  # a second SIGTERM or Ctrl-C kills at once
+            for other in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(other, signal.SIG_DFL)
         if not self.requested:
             self.requested, self.signal_name, self.exit_code = True, name, code
             print(f"\n{name}: finishing the current step, then checkpointing (again to stop at once)",
                   file=sys.stderr, flush=True)
-        if sig != signal.SIGUSR1:  # a second SIGTERM or Ctrl-C kills at once
-            for other in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(other, signal.SIG_DFL)
 
     def agreed(self, accelerator, at_log_step: bool) -> bool:
         """Whether to stop after this step. One process reads its own flag (no device work); several
@@ -159,3 +189,11 @@ class StopRequest:
                 ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, 0)
             except (OSError, AttributeError):
                 pass
+
+
+if __name__ == "__main__":  # `python -m trainer.runtime check-cuda`: the Makefile's check on GPU machines
+    import torch
+
+    if sys.argv[1:] == ["check-cuda"] and not torch.cuda.is_available():
+        sys.exit(f"error: torch {torch.__version__} cannot use this machine's GPU; reinstall it with the CUDA build: "
+                 f"rm -rf .venv && make install TORCH_INDEX=https://download.pytorch.org/whl/cu128")
