@@ -59,12 +59,20 @@ train: install
 	$(LAUNCH) $(RECIPE) $(call OFFLINE,scratch) $(ARGS)
 
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests --ignore=tests/browser $(ARGS)
 
 # The dashboard in a real browser (headless Chromium; installs Debian's chromium if missing).
 test-browser: install
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests/browser $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests/browser -p no:cacheprovider $(ARGS)
+
+# Every run under runs/ in trackio's dashboard: http://127.0.0.1:7860 (PORT=...)
+dashboard: install
+	$(PY) -m trainer.dashboard --runs runs $(if $(PORT),--port $(PORT)) $(ARGS)
+
+# The README's ablation (1M-token runs, one after the other): make ablate ARGS="--variant name=--optim.lr=2e-3"
+ablate: install
+	$(PY) bench/ablate.py recipes/scratch_tuned.py $(ARGS)
 
 bench: install
 	$(PY) bench/bench.py $(ARGS)

@@ -66,6 +66,24 @@ def test_evaluate_command_matches_a_hand_computation(trained_run, tiny_corpus_di
     assert main(["/no/such/model", f"--data.dataset={tiny_corpus_dir}"]) == 2
 
 
+def test_evaluate_module_gives_the_loops_numbers(trained_run, capsys):
+    """`python -m trainer.evaluate RUN` (the `evaluate` module, on the reloaded model) == the loop's last evaluation."""
+    import evaluate
+
+    from trainer.evaluate import METRIC, config_for, evaluate_model, main
+
+    loop = [r for r in read_jsonl(trained_run / "metrics.jsonl") if "eval/loss" in r][-1]
+    metrics = evaluate_model(str(trained_run / "model"), config_for(str(trained_run), []), log=lambda *_: None)
+    for key in ("eval/loss", "eval/perplexity", "eval/accuracy", "eval/top5_accuracy", "eval/masked_tokens"):
+        assert metrics[key] == pytest.approx(loop[key], rel=1e-9), key
+    assert loop["eval/top5_accuracy"] > loop["eval/accuracy"] > 0
+    assert main([str(trained_run)]) == 0 and f"{loop['eval/loss']:.4f}" in capsys.readouterr().out
+    # Token-weighted: an example with more masked tokens counts for more.
+    module = evaluate.load(str(METRIC))
+    assert module.compute(loss_sum=[4.0, 1.0], masked_tokens=[4, 1], correct=[2, 0], top5_correct=[4, 1]) == {
+        "loss": 1.0, "perplexity": pytest.approx(2.718281828), "accuracy": 0.4, "top5_accuracy": 1.0, "masked_tokens": 5}
+
+
 def test_fill_mask_comparison_table(trained_run, capsys, monkeypatch):
     from trainer.fillmask import main
 

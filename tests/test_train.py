@@ -46,6 +46,16 @@ def test_short_run_learns_and_saves_a_loadable_model(make_config):
     samples = json.loads((run_dir / "samples_fill_mask.json").read_text())
     assert samples["rows"][0][0] == cfg.log.probes[0]
 
+    from huggingface_hub import ModelCard  # the model card: HF metadata, then what the run was and did
+
+    card = ModelCard.load(run_dir / "model" / "README.md")
+    assert card.data.pipeline_tag == "fill-mask" and card.data.library_name == "transformers"
+    (perplexity,) = [r for r in card.data.eval_results if r.metric_type == "perplexity"]
+    assert perplexity.metric_value == pytest.approx(summary["final/eval_perplexity"])
+    for text in (f"{summary['parameters']:,} parameters", "2 layers, hidden size 32", samples["rows"][0][1],
+                 f"| tokens seen | {summary['tokens_seen']:,} |", "recipe\n`tiny`"):
+        assert text in card.text, text
+
 
 def test_wandb_offline_run_is_written(make_config, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -17,33 +17,43 @@ import torch
 from trainer.metrics import MLMTotals
 
 
-@torch.no_grad()
-def evaluate_mlm(model, loader, accelerator, track=None) -> dict[str, float]:
-    """Metrics over every masked token of `loader`, summed over all processes; `track` wraps the batches
-    (a progress display, console.track).
+METRIC = Path(__file__).resolve().parent / "masked_lm"  # the `evaluate` module: evaluate.load(str(METRIC))
 
-    Per-sample sums are gathered with `gather_for_metrics`, which drops the samples Accelerate
+
+@torch.no_grad()
+def evaluate_mlm(model, loader, accelerator, track=None, metric=None) -> dict[str, float]:
+    """Metrics over every masked token of `loader`, summed over all processes; `track` wraps the batches
+    (a progress display, console.track); `metric` (the `evaluate` module) computes them from the same
+    per-example sums instead of the loop's own sum.
+
+    Per-example sums are gathered with `gather_for_metrics`, which drops the examples Accelerate
     repeats to give every rank an equal number of batches, so no token is counted twice.
     """
     was_training = model.training
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, tokens, correct
-    batches = track(loader, len(loader), "eval") if track else loader
-    for batch in batches:
+    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss sum, tokens, top-1, top-5
+    for batch in track(loader, len(loader), "eval") if track else loader:
         with accelerator.autocast():
-            token_loss, correct = model(**batch)
+            token_loss, rank = model(**batch)
         rows = batch["mlm_positions"] // batch["input_ids"].size(1)
-        stats = torch.stack([token_loss.float(), torch.ones_like(token_loss), correct.float()], dim=1)
-        per_sample = torch.zeros(batch["input_ids"].size(0), 3, device=stats.device).index_add_(0, rows, stats)
-        totals += accelerator.gather_for_metrics(per_sample).sum(0).double()
+        stats = torch.stack([token_loss, torch.ones_like(token_loss), rank == 0, rank < 5], dim=1).double()
+        per_example = accelerator.gather_for_metrics(
+            torch.zeros(batch["input_ids"].size(0), 4, dtype=torch.float64, device=stats.device).index_add_(0, rows, stats))
+        totals += per_example.sum(0)
+        if metric is not None:
+            loss_sum, tokens, correct, top5 = per_example.cpu().T.tolist()
+            metric.add_batch(loss_sum=loss_sum, masked_tokens=[round(t) for t in tokens],
+                             correct=[round(c) for c in correct], top5_correct=[round(c) for c in top5])
     model.train(was_training)
-    loss_sum, tokens, correct = totals.tolist()
-    return MLMTotals(loss_sum, int(tokens), int(correct)).compute("eval")
+    if metric is not None:
+        return {f"eval/{key}": value for key, value in metric.compute().items()}
+    return MLMTotals(*totals.tolist()).compute("eval")
 
 
 def evaluate_model(name: str, cfg, split: str = "validation", log=print, track=None) -> dict[str, float]:
     """Metrics of a saved model directory or Hub id on a split of `cfg.data`, with the fixed evaluation
     masks, scored with the model's own tokenizer."""
+    import evaluate
     from accelerate import Accelerator
 
     from trainer.config import ModelConfig
@@ -59,7 +69,8 @@ def evaluate_model(name: str, cfg, split: str = "validation", log=print, track=N
     mixed_precision = "no" if cfg.train.mixed_precision == "auto" else resolve_mixed_precision(cfg.train.mixed_precision)
     accelerator = Accelerator(mixed_precision=mixed_precision)
     model, loader = accelerator.prepare(SparseMLM(model), loader)
-    metrics = evaluate_mlm(model, loader, accelerator, track=track)
+    metric = evaluate.load(str(METRIC)) if accelerator.is_main_process else None
+    metrics = evaluate_mlm(model, loader, accelerator, track=track, metric=metric)
     accelerator.free_memory()
     return metrics
 
@@ -104,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     console = TrainingConsole()
     table = Table(title=f"MLM evaluation on {split}")
-    for column in ("model", "loss", "perplexity", "accuracy", "masked tokens"):
+    for column in ("model", "loss", "perplexity", "accuracy", "top-5 accuracy", "masked tokens"):
         table.add_column(column, justify="left" if column == "model" else "right")
     try:
         if split not in ("validation", "test"):
@@ -113,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config_for(name, overrides)
             metrics = evaluate_model(model_path(name), cfg, split, log=console.print, track=console.track)
             table.add_row(escape(name), f"{metrics['eval/loss']:.4f}", f"{metrics['eval/perplexity']:.2f}",
-                          f"{metrics['eval/accuracy']:.4f}", f"{metrics['eval/masked_tokens']:,}")
+                          f"{metrics['eval/accuracy']:.4f}", f"{metrics['eval/top5_accuracy']:.4f}",
+                          f"{metrics['eval/masked_tokens']:,}")
     except (ConfigError, DataError, ModelError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -48,14 +48,16 @@ def sample_rows(probes: list[str], results: list[list[tuple[str, float]]]) -> tu
     return ["probe", "top_k", "top_1", "top_1_prob"], rows
 
 
-def log_samples(cfg, model_dir, logger, step: int) -> None:
+def log_samples(cfg, model_dir, logger, step: int) -> list[list]:
     """Fill-mask predictions of the saved model, logged as a table (loading it back also proves the save)."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     model = AutoModelForMaskedLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     results = fill_mask(model, tokenizer, cfg.log.probes, cfg.log.fill_mask_top_k)
-    logger.log_table("samples/fill_mask", *sample_rows(cfg.log.probes, results), step)
+    columns, rows = sample_rows(cfg.log.probes, results)
+    logger.log_table("samples/fill_mask", columns, rows, step)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

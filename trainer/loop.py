@@ -23,7 +23,7 @@ from trainer.config import Config, ConfigError
 from trainer.console import ConsoleSink, TrainingConsole, quiet_libraries
 from trainer.data import IndexedBlocks, MLMCollator, eval_dataloader, load_blocks, load_tokenizer
 from trainer.evaluate import evaluate_mlm
-from trainer.export import save_model
+from trainer.export import save_model, write_model_card
 from trainer.fillmask import log_samples
 from trainer.metrics import IntervalMeter, model_flops_per_token, peak_flops, perplexity
 from trainer.model import build_model, check_attention_fits, check_block_size, count_parameters, training_model
@@ -49,9 +49,10 @@ class Due:
     stop: bool
 
 
-def train(cfg: Config, resume: str | None = None, recipe: str | None = None) -> dict:
-    """Train `cfg`; `resume` is "latest", a run directory or a checkpoint. Returns the run summary."""
-    trainer = Trainer(cfg, resume, recipe)
+def train(cfg: Config, resume: str | None = None, recipe: str | None = None, command: list[str] | None = None) -> dict:
+    """Train `cfg`; `resume` is "latest", a run directory or a checkpoint; `recipe` and `command` (the
+    command line) are recorded in the run. Returns the run summary."""
+    trainer = Trainer(cfg, resume, recipe, command)
     try:
         trainer.setup()
         trainer.fit()
@@ -61,8 +62,9 @@ def train(cfg: Config, resume: str | None = None, recipe: str | None = None) -> 
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: str | None = None, recipe: str | None = None):
-        self.cfg, self.recipe = cfg, recipe
+    def __init__(self, cfg: Config, resume: str | None = None, recipe: str | None = None,
+                 command: list[str] | None = None):
+        self.cfg, self.recipe, self.command = cfg, recipe, command
         self.resume_from = find_checkpoint(resume, Path(cfg.log.output_root), cfg.name) if resume else None
         if self.resume_from is not None:
             read_state(self.resume_from)  # a broken state file fails here, before any work
@@ -132,7 +134,7 @@ class Trainer:
             remove_partial_saves(run_dir)
         else:
             run_dir = create_run_dir(Path(self.cfg.log.output_root), self.cfg.log.run_name, self.cfg.name)
-        config = {"run_id": run_dir.name, "recipe": self.recipe, **self.cfg.to_dict()}
+        config = {"run_id": run_dir.name, "recipe": self.recipe, "command": self.command, **self.cfg.to_dict()}
         try:
             write_json_atomic(run_dir / CONFIG_FILE, config)
         except OSError as e:
@@ -161,7 +163,7 @@ class Trainer:
         if cfg.model.pretrained:
             check_attention_fits(hf_model.config.num_hidden_layers, hf_model.config.num_attention_heads,
                                  cfg.data.block_size, cfg.train.batch_size, accelerator.device)
-        self.n_params = count_parameters(hf_model)
+        self.n_params, self.model_config = count_parameters(hf_model), hf_model.config
         self.console.print(f"model BertForMaskedLM  {self.n_params / 1e6:.2f}M parameters  "
                            f"{hf_model.config.num_hidden_layers} layers, hidden {hf_model.config.hidden_size}"
                            + (f"  from {cfg.model.pretrained}" if cfg.model.pretrained else "  (from scratch)"))
@@ -329,9 +331,12 @@ class Trainer:
             "best/eval_loss": state.best_eval_loss, "best/eval_perplexity": perplexity(state.best_eval_loss),
             "model_dir": str(model_dir),
         }
+        samples = None
         if self.accelerator.is_main_process and not interrupted:
-            log_samples(self.cfg, model_dir, self.logger, state.step)
+            samples = log_samples(self.cfg, model_dir, self.logger, state.step)
         self.logger.summary(summary)
+        if self.accelerator.is_main_process:
+            write_model_card(model_dir, self.cfg, summary, self.model_config, samples, self.command)
         return summary
 
     def close(self) -> None:

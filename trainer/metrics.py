@@ -33,37 +33,40 @@ class MLMTotals:
 
     loss_sum: torch.Tensor | float = 0.0
     tokens: torch.Tensor | int = 0
-    correct: torch.Tensor | int = 0
+    correct: torch.Tensor | int = 0  # the label is the top prediction
+    top5: torch.Tensor | int = 0  # the label is among the top 5
 
-    def add(self, token_loss: torch.Tensor, correct: torch.Tensor) -> None:
+    def add(self, token_loss: torch.Tensor, rank: torch.Tensor) -> None:
         self.loss_sum = self.loss_sum + token_loss.detach().float().sum()
         self.tokens = self.tokens + token_loss.numel()
-        self.correct = self.correct + correct.sum()
+        self.correct = self.correct + (rank == 0).sum()
+        self.top5 = self.top5 + (rank < 5).sum()
 
     def merge(self, other: MLMTotals, keep: torch.Tensor) -> None:
         """Add `other`'s sums if the 0/1 device tensor `keep` is 1 (0: a skipped step), without a host sync."""
         self.loss_sum = self.loss_sum + torch.where(keep > 0, other.loss_sum, 0.0)  # NaN * 0 would be NaN
         self.tokens = self.tokens + other.tokens * keep
         self.correct = self.correct + other.correct * keep
+        self.top5 = self.top5 + other.top5 * keep
 
     def reduced(self, accelerator) -> MLMTotals:
         """The sums over all processes, on the host (one all-reduce, one host sync)."""
         packed = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=accelerator.device)
-                              for x in (self.loss_sum, self.tokens, self.correct)])
+                              for x in (self.loss_sum, self.tokens, self.correct, self.top5)])
         if accelerator.num_processes > 1:
             packed = accelerator.reduce(packed, reduction="sum")
-        loss_sum, tokens, correct = packed.tolist()
-        return MLMTotals(loss_sum, round(tokens), round(correct))
+        loss_sum, tokens, correct, top5 = packed.tolist()
+        return MLMTotals(loss_sum, round(tokens), round(correct), round(top5))
 
     def compute(self, prefix: str) -> dict[str, float]:
-        loss_sum, correct = float(self.loss_sum), round(float(self.correct))
-        tokens = round(float(self.tokens))
-        mean = loss_sum / max(tokens, 1)
+        loss_sum, tokens = float(self.loss_sum), max(round(float(self.tokens)), 1)
+        mean = loss_sum / tokens
         return {
             f"{prefix}/loss": mean,
             f"{prefix}/perplexity": perplexity(mean),
-            f"{prefix}/accuracy": correct / max(tokens, 1),
-            f"{prefix}/masked_tokens": tokens,
+            f"{prefix}/accuracy": round(float(self.correct)) / tokens,
+            f"{prefix}/top5_accuracy": round(float(self.top5)) / tokens,
+            f"{prefix}/masked_tokens": round(float(self.tokens)),
         }
 
 

@@ -187,7 +187,8 @@ def training_model(hf_model: BertForMaskedLM, cfg, device: torch.device) -> Spar
 class SparseMLM(nn.Module):
     """Training/eval view of a `BertForMaskedLM`: encoder on all tokens, head only where there is a label.
 
-    forward returns per-predicted-token cross-entropy (M,) in fp32 and whether the argmax was right (M,).
+    forward returns per-predicted-token cross-entropy (M,) in fp32 and the rank of the label among the
+    predictions (M,): 0 when it is the top prediction, < 5 when it is among the top 5.
     It goes through `nn.Module.__call__`, so DDP/FSDP wrappers see it as the model's forward.
     """
 
@@ -202,8 +203,9 @@ class SparseMLM(nn.Module):
         rows = hidden.flatten(0, 1).index_select(0, mlm_positions)
         logits = self.mlm.cls(rows).float()
         token_loss = F.cross_entropy(logits, mlm_labels, reduction="none")
-        correct = logits.detach().argmax(-1) == mlm_labels
-        return token_loss, correct
+        label_logit = logits.detach().gather(1, mlm_labels[:, None])
+        rank = (logits.detach() > label_logit).sum(-1)  # 0: the label is the top prediction
+        return token_loss, rank
 
     def compile_encoder(self) -> None:
         # The encoder has static shapes (B, L); the head's row count changes every batch, so it stays eager.

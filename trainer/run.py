@@ -24,14 +24,15 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.tracking import TrackerError
 
     argv = sys.argv[1:] if argv is None else argv
+    command = ["trainer/run.py", *argv]
     try:
         cli = parse_command_line(argv)
         if cli.resume is not None:
             config, checkpoint = resume_config(cli)
-            summary = train(config, resume=str(checkpoint), recipe=cli.recipe)
+            summary = train(config, resume=str(checkpoint), recipe=cli.recipe, command=command)
         else:
             config, _ = build_config(argv)
-            summary = train(config, recipe=cli.recipe)
+            summary = train(config, recipe=cli.recipe, command=command)
     except HelpRequested:
         print(f"{USAGE}\n\n{help_text()}")
         return 0

@@ -179,11 +179,11 @@ class TrainStep:
         totals = MLMTotals()
         for batch in window:
             with accelerator.accumulate(model):
-                token_loss, correct = model(**batch)
+                token_loss, rank = model(**batch)
                 # x grad_accum: accelerator.backward divides by it; x num_processes: DDP averages over ranks.
                 loss = token_loss.sum() / num_items * (self.grad_accum * accelerator.num_processes)
                 accelerator.backward(loss)
-                totals.add(token_loss, correct)
+                totals.add(token_loss, rank)
         grad_norm = grad_norm_tensor(accelerator.clip_grad_norm_(model.parameters(), self.max_norm),
                                      accelerator.device)
         updated = self.guard.step(self.optimizer, grad_norm, totals.loss_sum)
