@@ -27,7 +27,7 @@ LAUNCH = $(if $(findstring cpu_,$(ACCEL_CONFIG)),ACCELERATE_USE_CPU=1) $(ACCELER
 	$(if $(filter %cpu.yaml %single_gpu.yaml %cpu_2proc.yaml,$(ACCEL_CONFIG)),,--num_processes $(NUM_PROCESSES)) trainer/run.py
 OFFLINE = $$($(PY) -m trainer.hub $(1))
 
-.PHONY: install scratch scratch-tuned finetune train test test-browser bench bench-plain ablate compare fillmask \
+.PHONY: install scratch scratch-tuned finetune train test test-browser bench gpu-check bench-plain ablate compare fillmask \
 	evaluate dashboard clean
 
 install: $(VENV)/.installed
@@ -76,6 +76,15 @@ ablate: install
 
 bench: install
 	$(PY) bench/bench.py $(ARGS)
+
+# On a machine with a GPU: the CUDA tests, the GPU bench (eager vs compiled static step, bf16), then
+# 3 epochs of recipes/scratch.py with the compiled step (tokens/s, MFU, wall time, val perplexity).
+gpu-check: install
+	@nvidia-smi -L >/dev/null 2>&1 || { echo "error: make gpu-check needs an NVIDIA GPU (nvidia-smi finds none)"; exit 2; }
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests/test_cuda.py -v
+	$(PY) bench/bench.py --batch 8 32 --variants plain-hf trainer --compile --set data.mask_count=fixed
+	$(LAUNCH) recipes/scratch.py $(call OFFLINE,scratch) --log.tracker=none --train.compile=true \
+		--data.mask_count=fixed --data.num_workers=2 --log.run_name=gpu-check-$$(date +%Y%m%d-%H%M%S) $(ARGS)
 
 # The plain HF loop trained on the scratch recipe (time-to-quality baseline): make bench-plain ARGS="--max-steps 1000"
 bench-plain: install

@@ -73,10 +73,11 @@ def run_variant(variant: str, batch: int, seconds: float, overrides: list[str] =
     from trainer.model import build_model
 
     torch.manual_seed(0)
-    cfg = apply_overrides(Config(model=ModelConfig(), train=TrainConfig(compile=variant.endswith("compile"))),
-                          [f"--{o}" for o in overrides])
+    compiled = variant.endswith("compile")  # the compiled step wants one shape: a fixed mask count
+    cfg = apply_overrides(Config(model=ModelConfig(), train=TrainConfig(compile=compiled)),
+                          [f"--{o}" for o in overrides] + (["--data.mask_count=fixed"] if compiled else []))
     tokenizer = load_tokenizer(tokenizer_source())
-    collator = MLMCollator(tokenizer, cfg.data.mlm_probability, seed=0)
+    collator = MLMCollator(tokenizer, cfg.data.mlm_probability, seed=0, fixed_count=cfg.data.mask_count == "fixed")
     blocks = random_blocks(tokenizer, batch * 16)
     batches = [collator([(i * batch + j, blocks[i * batch + j]) for j in range(batch)]) for i in range(16)]
     hf, _ = build_model(cfg.model, len(tokenizer))
@@ -102,10 +103,13 @@ def run_variant(variant: str, batch: int, seconds: float, overrides: list[str] =
         step, precision = trainer_step(cfg, hf, batches)
         mask_rate = sum(len(b["mlm_labels"]) for b in batches) / (len(batches) * batch * SEQ)
 
-    warmup = 8 if variant.endswith("compile") else 3
+    from torch._dynamo.utils import counters
+
+    warmup = 8 if compiled else 3
     for i in range(warmup):
         step(i)
     sync()
+    graphs_after_warmup = counters["stats"]["unique_graphs"]
     start, steps = time.perf_counter(), 0
     while steps < min_steps or time.perf_counter() - start < seconds:
         losses.append(step(steps))
@@ -119,7 +123,8 @@ def run_variant(variant: str, batch: int, seconds: float, overrides: list[str] =
     return {"variant": variant, "batch": batch, "precision": precision, "steps": steps, "seconds": elapsed,
             "tokens_per_s": tokens_per_s, "gflops": flops, "peak_memory_mib": peak_mem,
             "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "process RSS",
-            "losses": [float(x) for x in losses]}
+            "recompiles_after_warmup": counters["stats"]["unique_graphs"] - graphs_after_warmup,
+            "mask_count": cfg.data.mask_count, "losses": [float(x) for x in losses]}
 
 
 def trainer_step(cfg, hf, batches):
@@ -143,6 +148,39 @@ def trainer_step(cfg, hf, batches):
         return result.totals.loss_sum / result.totals.tokens
 
     return step, precision
+
+
+def static_vs_dynamic(steps: int = 100, batch: int = 8, overrides: list[str] = ()) -> dict:
+    """The compiled static-shape step against the eager step on the same batches and initial weights
+    (fixed mask count, no dropout): the largest loss difference over `steps` steps, and recompiles."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from trainer.config import Config, ModelConfig, apply_overrides
+    from trainer.data import MLMCollator, load_tokenizer
+    from trainer.model import build_model
+
+    tokenizer = load_tokenizer(tokenizer_source())
+    base = apply_overrides(Config(model=ModelConfig(dropout=0.0)), [f"--{o}" for o in overrides] + ["--data.mask_count=fixed"])
+    collator = MLMCollator(tokenizer, base.data.mlm_probability, seed=0, fixed_count=True)
+    blocks = random_blocks(tokenizer, batch * 16)
+    batches = [collator([(i * batch + j, blocks[i * batch + j]) for j in range(batch)]) for i in range(16)]
+    losses, timings = {}, {}
+    for name in ("eager", "compiled"):
+        cfg = apply_overrides(base.derive(), [f"--train.compile={name == 'compiled'}"])
+        torch.manual_seed(0)
+        hf, _ = build_model(cfg.model, len(tokenizer))
+        step, _ = trainer_step(cfg, hf, batches)
+        start, losses[name] = time.perf_counter(), []
+        for i in range(steps):
+            losses[name].append(float(step(i)))
+            if i == 2:
+                start, graphs = time.perf_counter(), counters["stats"]["unique_graphs"]
+        timings[name] = (time.perf_counter() - start) / (steps - 3)
+    return {"steps": steps, "max_abs_loss_diff": max(abs(a - b) for a, b in zip(losses["eager"], losses["compiled"])),
+            "final_loss_eager": losses["eager"][-1], "final_loss_compiled": losses["compiled"][-1],
+            "step_s_eager": timings["eager"], "step_s_compiled": timings["compiled"],
+            "recompiles_after_warmup": counters["stats"]["unique_graphs"] - graphs}
 
 
 def loss_agreement() -> dict:
@@ -244,7 +282,8 @@ def main() -> int:
     baseline = {r["batch"]: r["tokens_per_s"] for r in results if r["variant"] == "plain-hf"}
     table = Table(title=f"training step, scratch model (3x256), seq {SEQ}  [{torch.__version__}, "
                         f"{'cuda' if torch.cuda.is_available() else f'{os.cpu_count()} CPU threads'}]")
-    for column in ("variant", "batch", "precision", "tokens/s", "vs plain-hf", "peak MiB", "GFLOP/s", "of matmul peak"):
+    for column in ("variant", "batch", "precision", "tokens/s", "vs plain-hf", "peak MiB", "GFLOP/s", "of matmul peak",
+                   "recompiles"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for r in results:
         peak = peaks["bf16" if r["precision"] == "bf16" else "fp32"]
@@ -252,9 +291,17 @@ def main() -> int:
         r["fraction_of_matmul_peak"] = r["gflops"] / peak
         table.add_row(r["variant"], str(r["batch"]), r["precision"], f"{r['tokens_per_s']:,.0f}",
                       f"{r['speedup_vs_plain']:.2f}x" if r["speedup_vs_plain"] else "-",
-                      f"{r['peak_memory_mib']:,.0f}", f"{r['gflops']:.1f}", f"{r['fraction_of_matmul_peak']:.0%}")
+                      f"{r['peak_memory_mib']:,.0f}", f"{r['gflops']:.1f}", f"{r['fraction_of_matmul_peak']:.0%}",
+                      str(r["recompiles_after_warmup"]))
     console.print(table)
     console.print("matmul peak (2048^3): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()))
+    static = None
+    if args.compile:
+        static = static_vs_dynamic(100, args.batch[0], args.set)
+        console.print(f"compiled static step vs eager, {static['steps']} steps, batch {args.batch[0]}, no dropout: max |loss "
+                      f"diff| {static['max_abs_loss_diff']:.2e}, step {static['step_s_eager'] * 1e3:.1f} ms eager vs "
+                      f"{static['step_s_compiled'] * 1e3:.1f} ms compiled, recompiles after warm-up "
+                      f"{static['recompiles_after_warmup']}")
     agreement = loss_agreement()
     console.print("loss on one batch: " + ", ".join(f"{k} {v:.6g}" for k, v in agreement.items()))
     preprocessing = preprocessing_times()
@@ -265,7 +312,8 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"results": results, "matmul_peak_gflops": peaks, "loss_agreement": agreement,
-                                "preprocessing": preprocessing, "torch": torch.__version__}, indent=1))
+                                "preprocessing": preprocessing, "static_vs_dynamic": static,
+                                "torch": torch.__version__}, indent=1))
     console.print(f"written {path}")
     return 0
 

@@ -115,3 +115,27 @@ def test_indexed_blocks_work_with_a_dataloader(tiny_tokenizer):
     loader = torch.utils.data.DataLoader(IndexedBlocks(blocks), batch_size=4, collate_fn=MLMCollator(tiny_tokenizer))
     shapes = [b["input_ids"].shape for b in loader]
     assert shapes == [(4, 8), (4, 8), (2, 8)]
+
+
+def test_fixed_mask_count_gives_one_shape(tiny_tokenizer):
+    torch.manual_seed(0)
+    blocks = torch.randint(5, len(tiny_tokenizer), (64, 40), dtype=torch.int32)
+    blocks[:, 0], blocks[:, 20] = tiny_tokenizer.cls_token_id, tiny_tokenizer.sep_token_id
+    blocks[0, 2:] = tiny_tokenizer.pad_token_id  # a block with one maskable token: the rest is padding rows
+    collator = MLMCollator(tiny_tokenizer, probability=0.15, seed=1, fixed_count=True)
+    shapes = set()
+    for epoch in range(3):
+        collator.set_epoch(epoch)
+        for start in (0, 32):
+            batch = batch_of(collator, blocks, range(start, start + 32))
+            shapes.add(tuple(batch["mlm_positions"].shape))
+    assert shapes == {(32 * 6,)}  # round(0.15 x 40) = 6 per block, every batch
+    batch = batch_of(collator, blocks, range(32))
+    labels, positions = batch["mlm_labels"].view(32, 6), batch["mlm_positions"].view(32, 6)
+    assert (labels[0] >= 0).sum() == 1 and (labels[1:] >= 0).all()  # the short block pads with ignored rows
+    rows = positions // 40
+    assert torch.equal(rows, torch.arange(32)[:, None].expand(32, 6))  # each block's own positions
+    original = blocks[:32].long().flatten()
+    valid = batch["mlm_labels"] >= 0
+    assert torch.equal(batch["mlm_labels"][valid], original[batch["mlm_positions"][valid]])
+    assert not torch.isin(original[batch["mlm_positions"][valid]], torch.tensor(tiny_tokenizer.all_special_ids)).any()

@@ -372,3 +372,14 @@ def test_a_diverged_run_names_the_best_checkpoint_and_never_saves_a_broken_model
     train(cfg)
     assert "parameters are not finite at step 4: checkpoint NOT written" in capsys.readouterr().out
     assert [read_state(p).step for p in list_checkpoints(Path(cfg.log.output_root) / "broken")] == [2]
+
+
+def test_loader_workers_see_each_epochs_masks(make_config):
+    """Masks are keyed on (seed, epoch, sample): collating in worker processes (forked after the epoch
+    is set, not persistent) gives the same batches, so the same losses, as collating in the loop."""
+    runs = {}
+    for workers in (0, 2):
+        cfg = make_config(data={"num_workers": workers}, train={"epochs": 2}, log={"run_name": f"w{workers}"})
+        train(cfg)
+        runs[workers] = [r["train/loss"] for r in records(Path(cfg.log.output_root) / f"w{workers}", "train")]
+    assert len(runs[0]) == 52 and runs[0] == runs[2]  # two epochs of 26 steps, step for step

@@ -64,6 +64,10 @@ class DataConfig:
     tokenizer: str = option("bert-base-uncased", "Hub id or directory of the tokenizer")
     block_size: int = option(128, "tokens per training block (the stream is cut into blocks)")
     mlm_probability: float = option(0.15, "fraction of tokens masked in training; evaluation always masks 15%")
+    mask_count: Literal["bernoulli", "fixed"] = option(
+        "bernoulli", "bernoulli: each token masked with probability mlm_probability (the count varies per batch); "
+                     "fixed: exactly round(mlm_probability x block_size) per block, as BERT's original pipeline: "
+                     "one shape every step, what a compiled step wants")
     max_train_blocks: int | None = option(None, "keep only the first N train blocks (smoke runs)")
     max_eval_blocks: int | None = option(None, "keep only the first N validation blocks")
     num_workers: int = option(0, "DataLoader worker processes (masks are the same with any number)",
@@ -104,7 +108,10 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = option(
         "auto", "auto = bf16 where the hardware runs it natively (CUDA compute capability 8+, CPU with "
                 "avx512_bf16/AMX), else fp32")
-    compile: bool = option(False, "torch.compile the encoder")
+    compile: bool = option(
+        False, "torch.compile the training step: forward, head, loss and backward, and clipping with the "
+               "optimizer update (capturable AdamW, the learning rate a tensor); best with data.mask_count=fixed")
+    cuda_graphs: bool = option(True, "with train.compile on a GPU: CUDA graphs (mode=reduce-overhead)")
     seed: int = option(42, "initial weights, data order, masks and dropout")
     eval_every: int = option(500, "evaluate every N optimizer steps (and at every epoch end); 0 = only then",
                              safe_on_resume=True)
@@ -191,6 +198,8 @@ class Config:
             (o.lr > 0, f"optim.lr={o.lr} must be positive"),
             (0.0 <= o.warmup_ratio < 1.0, f"optim.warmup_ratio={o.warmup_ratio} must be in [0, 1)"),
             (o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)"),
+            (not (t.compile and o.name != "adamw"), f"train.compile compiles AdamW's update; optim.name={o.name} "
+                                                    f"runs eager: drop --train.compile"),
             (o.muon_lr > 0 and 0 <= o.muon_momentum < 1 and 1 <= o.muon_ns_steps <= 10,
              "optim.muon_lr must be > 0, optim.muon_momentum in [0, 1), optim.muon_ns_steps in 1..10"),
             (0.0 < o.decay_ratio <= 1.0 and o.warmup_ratio + (o.decay_ratio if o.schedule == "wsd" else 0) <= 1.0,

@@ -110,7 +110,7 @@ SUMMARY_ROWS = [("steps", "steps"), ("tokens seen", "tokens_seen"), ("final trai
                 ("final train perplexity", "final/train_perplexity"), ("final val loss", "final/eval_loss"),
                 ("final val perplexity", "final/eval_perplexity"), ("final val accuracy", "final/eval_accuracy"),
                 ("best val perplexity", "best/eval_perplexity"), ("wall time (s)", "wall_time_s"),
-                ("train tokens/s", "train/tokens_per_s"), ("model", "model_dir")]
+                ("train tokens/s", "train/tokens_per_s"), ("MFU", "train/mfu"), ("model", "model_dir")]
 
 
 class ConsoleSink:

@@ -160,10 +160,12 @@ class MLMCollator:
 
     Returns `input_ids` (B, L), `mlm_positions` (M,) flat indices into B*L of the tokens to predict, and
     `mlm_labels` (M,) their original ids. The model runs its output head on those M rows only.
+    `fixed_count`: exactly round(probability * L) tokens per block (BERT's original pipeline), so M is
+    the same in every batch; a block with fewer maskable tokens pads with ignored rows (label -100).
     """
 
-    def __init__(self, tokenizer, probability: float = 0.15, seed: int = 0):
-        self.probability = probability
+    def __init__(self, tokenizer, probability: float = 0.15, seed: int = 0, fixed_count: bool = False):
+        self.probability, self.fixed_count = probability, fixed_count
         self.seed = seed
         self.epoch = 0
         self.mask_id = tokenizer.mask_token_id
@@ -187,14 +189,21 @@ class MLMCollator:
         original = torch.stack([block for _, block in items]).long()
         select_u, action_u, token_u = self.random_numbers(indices, original.size(1)).unbind(1)
 
-        selected = (select_u < self.probability) & ~torch.isin(original, self.special_ids)
+        maskable = ~torch.isin(original, self.special_ids)
+        if self.fixed_count:  # the k maskable tokens with the smallest draws
+            k = round(self.probability * original.size(1))
+            chosen = select_u.masked_fill(~maskable, 2.0).topk(k, dim=1, largest=False).indices.sort(dim=1).values
+            selected = torch.zeros_like(maskable).scatter_(1, chosen, True) & maskable
+            positions = (chosen + torch.arange(len(items))[:, None] * original.size(1)).flatten()
+        else:
+            selected = (select_u < self.probability) & maskable
+            positions = selected.flatten().nonzero().squeeze(1)
         to_mask = selected & (action_u < 0.8)
         to_random = selected & (action_u >= 0.8) & (action_u < 0.9)  # the last 10% keep their token
         inputs = torch.where(to_mask, self.mask_id, original)
         inputs = torch.where(to_random, (token_u * self.vocab_size).long(), inputs)
-
-        positions = selected.flatten().nonzero().squeeze(1)
-        return {"input_ids": inputs, "mlm_positions": positions, "mlm_labels": original.flatten()[positions]}
+        labels = torch.where(selected.flatten()[positions], original.flatten()[positions], -100)
+        return {"input_ids": inputs, "mlm_positions": positions, "mlm_labels": labels}
 
 
 def eval_collator(tokenizer, probability: float = EVAL_MASK_PROBABILITY) -> MLMCollator:

@@ -36,7 +36,7 @@ def evaluate_mlm(model, loader, accelerator, track=None, metric=None) -> dict[st
         with accelerator.autocast():
             token_loss, rank = model(**batch)
         rows = batch["mlm_positions"] // batch["input_ids"].size(1)
-        stats = torch.stack([token_loss, torch.ones_like(token_loss), rank == 0, rank < 5], dim=1).double()
+        stats = torch.stack([token_loss, rank >= 0, rank == 0, (rank >= 0) & (rank < 5)], dim=1).double()
         per_example = accelerator.gather_for_metrics(
             torch.zeros(batch["input_ids"].size(0), 4, dtype=torch.float64, device=stats.device).index_add_(0, rows, stats))
         totals += per_example.sum(0)

@@ -149,7 +149,8 @@ class Trainer:
         with accelerator.local_main_process_first():  # one process per machine tokenizes; the others read its cache
             self.train_blocks = load_blocks(cfg.data, self.tokenizer, "train", log=self.console.print).blocks
             eval_blocks = load_blocks(cfg.data, self.tokenizer, "validation", log=self.console.print).blocks
-        self.collator = MLMCollator(self.tokenizer, cfg.data.mlm_probability, seed=cfg.train.seed)
+        self.collator = MLMCollator(self.tokenizer, cfg.data.mlm_probability, seed=cfg.train.seed,
+                                    fixed_count=cfg.data.mask_count == "fixed")
         loader_args = dict(num_workers=cfg.data.num_workers, pin_memory=cuda_in_use())
         self.train_loader = torch.utils.data.DataLoader(
             IndexedBlocks(self.train_blocks), batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
@@ -287,7 +288,8 @@ class Trainer:
                                       f"{where}, with a lower --optim.lr")
         metrics = self.meter.flush(self.accelerator, self.skipped)
         if metrics:  # an interval of skipped steps only has nothing to report
-            self.train_metrics = {**metrics, "train/lr": self.scheduler.get_last_lr()[0], "epoch": self.epoch()}
+            lr = float(self.scheduler.get_last_lr()[0])  # a tensor when the step is compiled
+            self.train_metrics = {**metrics, "train/lr": lr, "epoch": self.epoch()}
             self.logger.log(self.record(self.train_metrics))
 
     def evaluate(self) -> bool:
@@ -323,6 +325,7 @@ class Trainer:
             "exit_code": self.stop.exit_code, "parameters": self.n_params, "steps": state.step,
             "tokens_seen": state.tokens_seen, "wall_time_s": self.elapsed(), "train_time_s": self.meter.session_seconds,
             "train/tokens_per_s": self.meter.session_tokens_per_s,
+            "train/mfu": self.meter.mfu(self.meter.session_tokens_per_s, self.accelerator.num_processes),
             "final/train_loss": self.train_metrics.get("train/loss"),
             "final/train_perplexity": self.train_metrics.get("train/perplexity"),
             "final/eval_loss": self.eval_metrics.get("eval/loss"),

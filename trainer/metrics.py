@@ -37,10 +37,11 @@ class MLMTotals:
     top5: torch.Tensor | int = 0  # the label is among the top 5
 
     def add(self, token_loss: torch.Tensor, rank: torch.Tensor) -> None:
+        """`rank` of each label among the predictions; -1 marks an ignored row."""
         self.loss_sum = self.loss_sum + token_loss.detach().float().sum()
-        self.tokens = self.tokens + token_loss.numel()
+        self.tokens = self.tokens + (rank >= 0).sum()
         self.correct = self.correct + (rank == 0).sum()
-        self.top5 = self.top5 + (rank < 5).sum()
+        self.top5 = self.top5 + ((rank >= 0) & (rank < 5)).sum()
 
     def merge(self, other: MLMTotals, keep: torch.Tensor) -> None:
         """Add `other`'s sums if the 0/1 device tensor `keep` is 1 (0: a skipped step), without a host sync."""
@@ -110,11 +111,17 @@ class IntervalMeter:
                 "train/tokens_per_s": tokens_per_s,
                 "train/peak_memory_gib": peak_memory_bytes(self.device) / 2**30,
             }
-            if self.peak_flops:
-                # tokens/s counts every process's tokens; the peak is one device's
-                metrics["train/mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * accelerator.num_processes)
+            mfu = self.mfu(tokens_per_s, accelerator.num_processes)
+            if mfu is not None:
+                metrics["train/mfu"] = mfu
         self.reset()
         return metrics
+
+    def mfu(self, tokens_per_s: float | None, processes: int) -> float | None:
+        """Model FLOPs utilisation: tokens/s counts every process's tokens, the peak is one device's."""
+        if not self.peak_flops or tokens_per_s is None:
+            return None
+        return tokens_per_s * self.flops_per_token / (self.peak_flops * processes)
 
     @property
     def session_tokens_per_s(self) -> float | None:

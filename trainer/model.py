@@ -173,22 +173,20 @@ def use_fast_dropout(model: BertForMaskedLM) -> None:
 
 
 def training_model(hf_model: BertForMaskedLM, cfg, device: torch.device) -> SparseMLM:
-    """What the training step runs (the loop and bench/bench.py): fast dropout on CPU in eager mode,
-    the masked-rows-only head, and torch.compile when `train.compile` asks for it."""
-    # CUDA's dropout kernels are already fused, and under torch.compile inductor generates its own.
+    """What the training step runs (the loop and bench/bench.py): the masked-rows-only head, with fast
+    dropout on CPU in eager mode (CUDA's dropout kernels are fused already, and under torch.compile
+    inductor generates its own)."""
     if cfg.model.fast_dropout and device.type == "cpu" and not cfg.train.compile:
         use_fast_dropout(hf_model)
-    model = SparseMLM(hf_model)
-    if cfg.train.compile:
-        model.compile_encoder()
-    return model
+    return SparseMLM(hf_model)
 
 
 class SparseMLM(nn.Module):
     """Training/eval view of a `BertForMaskedLM`: encoder on all tokens, head only where there is a label.
 
     forward returns per-predicted-token cross-entropy (M,) in fp32 and the rank of the label among the
-    predictions (M,): 0 when it is the top prediction, < 5 when it is among the top 5.
+    predictions (M,): 0 when it is the top prediction, < 5 when it is among the top 5; rows labelled
+    -100 (padding of a fixed mask count) have loss 0 and rank -1.
     It goes through `nn.Module.__call__`, so DDP/FSDP wrappers see it as the model's forward.
     """
 
@@ -202,11 +200,10 @@ class SparseMLM(nn.Module):
         hidden = self.mlm.bert(input_ids=input_ids).last_hidden_state  # full blocks: no attention mask
         rows = hidden.flatten(0, 1).index_select(0, mlm_positions)
         logits = self.mlm.cls(rows).float()
-        token_loss = F.cross_entropy(logits, mlm_labels, reduction="none")
-        label_logit = logits.detach().gather(1, mlm_labels[:, None])
-        rank = (logits.detach() > label_logit).sum(-1)  # 0: the label is the top prediction
-        return token_loss, rank
-
-    def compile_encoder(self) -> None:
-        # The encoder has static shapes (B, L); the head's row count changes every batch, so it stays eager.
-        self.mlm.bert.compile()
+        token_loss = F.cross_entropy(logits, mlm_labels, reduction="none", ignore_index=-100)
+        scores, labels = logits.detach(), mlm_labels.clamp(min=0)[:, None]
+        label_logit = scores.gather(1, labels)
+        # The label's place in a stable descending sort: ties rank by index, as argmax does (bf16 ties often).
+        ahead = (scores > label_logit) | ((scores == label_logit) & (torch.arange(scores.size(1), device=scores.device) < labels))
+        rank = ahead.sum(-1)  # 0: the label is the top prediction (argmax)
+        return token_loss, rank.masked_fill(mlm_labels < 0, -1)  # -1: an ignored (padding) row

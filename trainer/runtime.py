@@ -71,6 +71,9 @@ def check_plugins_match_recipe(accelerator, cfg) -> None:
     from accelerate.utils import DistributedType
 
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if cfg.train.compile and (sharded or accelerator.mixed_precision == "fp16"):
+        raise ConfigError(f"train.compile compiles the step for one device or DDP in bf16/fp32, not with "
+                          f"{accelerator.distributed_type.value}/{accelerator.mixed_precision}: drop --train.compile")
     if cfg.optim.name == "muon" and sharded:
         raise ConfigError(f"optim.name=muon needs whole weight matrices; {accelerator.distributed_type.value} "
                           f"shards them: use DDP (accelerate_configs/multi_gpu.yaml) or --optim.name=adamw")

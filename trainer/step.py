@@ -33,8 +33,12 @@ def build_optimizer(model, cfg: Config, device: torch.device) -> torch.optim.Opt
         else:
             (no_decay if param.ndim < 2 else decay).append(param)
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = o.fused and device.type in ("cuda", "cpu")
-    adamw = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
+    if cfg.train.compile:  # inductor fuses the update itself; the lr is a tensor so a new value is not a recompile
+        adamw = torch.optim.AdamW(groups, lr=torch.tensor(o.lr, device=device), betas=(o.beta1, o.beta2), eps=o.eps,
+                                  foreach=True, capturable=True)
+    else:
+        fused = o.fused and device.type in ("cuda", "cpu")
+        adamw = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
     if not hidden:
         return adamw
     muon = torch.optim.Muon(hidden, lr=o.muon_lr, weight_decay=o.weight_decay, momentum=o.muon_momentum,
@@ -138,6 +142,10 @@ class NonFiniteGuard:
                 del self.inner.found_inf
         elif self.mode == "loss" or not bad.item():
             optimizer.step()
+        return self.record(bad)
+
+    def record(self, bad: torch.Tensor) -> torch.Tensor:
+        """Count a step that was (1.0) or was not (0.0) non-finite; returns 1.0 - bad (updated)."""
         self.skipped = self.skipped + bad
         self.in_a_row = (self.in_a_row + 1) * bad
         self.longest = torch.maximum(self.longest, self.in_a_row)
@@ -159,35 +167,71 @@ class StepResult:
 
 class TrainStep:
     """Forward and backward over the micro-batches of one optimizer step, clipping, the guarded
-    optimizer update and the schedule step."""
+    optimizer update and the schedule step.
+
+    With `train.compile`, torch.compile builds the forward, head and loss (and through AOTAutograd the
+    backward), and the clipping with the update; on a GPU with CUDA graphs. A static shape
+    (`data.mask_count=fixed`) compiles once. A non-finite step there zeroes the gradients and the
+    learning rate on the device: the parameters stay as they were, Adam's moments decay one step.
+    """
 
     def __init__(self, accelerator, model, optimizer, scheduler, cfg: Config, nonfinite_in_a_row: int = 0):
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.seed, self.grad_accum = cfg.train.seed, cfg.train.grad_accum
         self.max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         self.guard = NonFiniteGuard(accelerator, optimizer, in_a_row=nonfinite_in_a_row)
+        self.forward_loss, self.update = forward_loss, None
+        if cfg.train.compile:
+            cuda_graphs = accelerator.device.type == "cuda" and cfg.train.cuda_graphs
+            options = dict(dynamic=False if cfg.data.mask_count == "fixed" else None,
+                           mode="reduce-overhead" if cuda_graphs else None)
+            self.params = [p for p in model.parameters() if p.requires_grad]
+            self.forward_loss = torch.compile(forward_loss, **options)
+            self.update = torch.compile(self.clip_and_update, **options)
 
     def __call__(self, window: list[dict], step: int) -> StepResult:
         accelerator, model = self.accelerator, self.model
         # Reseed per step: dropout draws depend only on (seed, step, rank), so a resumed run matches.
         torch.manual_seed(hash((self.seed, step, accelerator.process_index)) & 0x7FFF_FFFF)
-        masked = sum(batch["mlm_labels"].numel() for batch in window)  # shapes are host metadata: no sync
-        num_items = torch.full((), float(masked), device=accelerator.device)
+        num_items = sum((batch["mlm_labels"] >= 0).sum() for batch in window).float()  # on the device: no sync
         if accelerator.num_processes > 1:
             num_items = accelerator.reduce(num_items, reduction="sum")
         num_items = num_items.clamp(min=1.0)
+        # x grad_accum: accelerator.backward divides by it; x num_processes: DDP averages over ranks.
+        scale = float(self.grad_accum * accelerator.num_processes)
         totals = MLMTotals()
         for batch in window:
             with accelerator.accumulate(model):
-                token_loss, rank = model(**batch)
-                # x grad_accum: accelerator.backward divides by it; x num_processes: DDP averages over ranks.
-                loss = token_loss.sum() / num_items * (self.grad_accum * accelerator.num_processes)
+                loss, token_loss, rank = self.forward_loss(model, batch, num_items, scale)
                 accelerator.backward(loss)
                 totals.add(token_loss, rank)
-        grad_norm = grad_norm_tensor(accelerator.clip_grad_norm_(model.parameters(), self.max_norm),
-                                     accelerator.device)
-        updated = self.guard.step(self.optimizer, grad_norm, totals.loss_sum)
+        if self.update is not None:
+            grad_norm, bad = self.update(totals.loss_sum)
+            updated = self.guard.record(bad)
+        else:
+            grad_norm = grad_norm_tensor(accelerator.clip_grad_norm_(model.parameters(), self.max_norm),
+                                         accelerator.device)
+            updated = self.guard.step(self.optimizer, grad_norm, totals.loss_sum)
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(totals, grad_norm, updated)
+
+    def clip_and_update(self, loss_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compiled: clip, and update unless non-finite (then zero gradients and lr: no parameter moves)."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
+        bad = ~(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))
+        for param in self.params:
+            if param.grad is not None:
+                param.grad.copy_(torch.where(bad, 0.0, param.grad))  # NaN * 0 would stay NaN
+        for group in self.guard.inner.param_groups:
+            group["lr"].mul_((~bad).float())  # the schedule sets the next step's lr afterwards
+        self.guard.inner.step()
+        return grad_norm.detach().float(), bad.float()
+
+
+def forward_loss(model, batch: dict, num_items: torch.Tensor, scale: float):
+    """One micro-batch: per-token losses and label ranks, and the loss to backpropagate (normalised by
+    the masked tokens of the whole step)."""
+    token_loss, rank = model(**batch)
+    return token_loss.sum() / num_items * scale, token_loss, rank
