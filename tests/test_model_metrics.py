@@ -151,3 +151,31 @@ def test_fast_dropout_model_is_unchanged_in_eval_and_trains(tiny_tokenizer):
     assert not torch.allclose(out1, out2)  # dropout is active in training
     out1.sum().backward()
     assert fast.bert.encoder.layer[0].attention.self.query.weight.grad is not None
+
+
+def test_long_loops_show_progress_on_a_terminal_and_plain_lines_off_one(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from trainer import console as console_module
+    from trainer.console import TrainingConsole
+
+    terminal = TrainingConsole()
+    terminal.interactive = True
+    terminal.console = Console(file=io.StringIO(), force_terminal=True, width=100)
+    assert list(terminal.track(range(5), 5, "eval")) == list(range(5))
+    drawn = terminal.console.file.getvalue()
+    assert "eval" in drawn and "5/5" in drawn and "━" in drawn  # a rich bar
+
+    terminal.start(total_steps=10)  # during training: a second bar on the live display, then removed
+    assert list(terminal.track(range(3), 3, "eval")) == [0, 1, 2] and len(terminal.progress.tasks) == 1
+    terminal.close()
+
+    monkeypatch.setattr(console_module, "PLAIN_PROGRESS_EVERY_S", 0.0)
+    plain = TrainingConsole()
+    plain.interactive = False
+    plain.console = Console(file=io.StringIO(), width=100)
+    assert list(plain.track(range(3), 3, "eval")) == [0, 1, 2]
+    lines = plain.console.file.getvalue().splitlines()
+    assert [line.split(" ", 1)[1].rsplit(" (", 1)[0] for line in lines] == ["eval 1/3", "eval 2/3", "eval 3/3"]

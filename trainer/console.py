@@ -40,12 +40,12 @@ class TrainingConsole:
     def start(self, total_steps: int, start_step: int = 0) -> None:
         """The live progress bar, on a terminal only; elsewhere `show` prints plain lines."""
         if self.enabled and self.interactive:
-            self.progress = self.new_progress("train")
+            self.progress = self.new_progress()
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step, status="")
             self.progress.start()
 
-    def new_progress(self, label: str, transient: bool = False) -> Progress:
-        return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    def new_progress(self, transient: bool = False) -> Progress:
+        return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=self.console,
                         transient=transient)
 
@@ -72,12 +72,22 @@ class TrainingConsole:
             self.print(f"{time.strftime('%H:%M:%S')} step {record.get('step', '-')}  {line}", highlight=False)
 
     def track(self, items: Iterable, total: int, label: str) -> Iterator:
-        """Iterate with a transient progress bar on a terminal, or a plain line every 15 s elsewhere."""
+        """Iterate with a transient progress bar on a terminal (a second bar under training's), or a
+        plain line every 15 s elsewhere."""
         if not self.enabled:
             yield from items
             return
-        if self.interactive and self.progress is None:
-            with self.new_progress(label, transient=True) as progress:
+        if self.progress is not None:  # training's live display: one more bar, removed when done
+            task = self.progress.add_task(label, total=total, status="")
+            try:
+                for item in items:
+                    yield item
+                    self.progress.advance(task)
+            finally:
+                self.progress.remove_task(task)
+            return
+        if self.interactive:
+            with self.new_progress(transient=True) as progress:
                 task = progress.add_task(label, total=total, status="")
                 for item in items:
                     yield item

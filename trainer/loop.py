@@ -84,6 +84,9 @@ class Trainer:
         check_trackers_installed(self.cfg.log.tracker)
         check_device_matches_launch()
         self.setup_accelerator()
+        if not self.cfg.model.pretrained:  # before anything is loaded; a pretrained model is checked once loaded
+            m, d = self.cfg.model, self.cfg.data
+            check_attention_fits(m.num_layers, m.num_heads, d.block_size, self.cfg.train.batch_size, self.accelerator.device)
         self.setup_data()
         self.setup_model()
         self.setup_resume_and_logging()
@@ -122,9 +125,6 @@ class Trainer:
                            f"{accelerator.num_processes} ({accelerator.distributed_type.value})  device "
                            f"{accelerator.device}  precision {accelerator.mixed_precision}")
         set_seed(cfg.train.seed)  # identical initial weights on every process
-        if not cfg.model.pretrained:  # before anything is loaded; a pretrained model is checked once loaded
-            check_attention_fits(cfg.model.num_layers, cfg.model.num_heads, cfg.data.block_size,
-                                 cfg.train.batch_size, accelerator.device)
 
     def pick_run_dir(self) -> Path:
         """The resumed run's directory (cleared of interrupted saves), or a new one. Its config.json is
