@@ -100,7 +100,7 @@ def run_variant(variant: str, batch: int, seconds: float, overrides: list[str] =
 
         precision, mask_rate = "no", 1.0
     else:
-        step, precision = trainer_step(cfg, hf, batches)
+        step, precision, _ = trainer_step(cfg, hf, batches)
         mask_rate = sum(len(b["mlm_labels"]) for b in batches) / (len(batches) * batch * SEQ)
 
     from torch._dynamo.utils import counters
@@ -127,13 +127,14 @@ def run_variant(variant: str, batch: int, seconds: float, overrides: list[str] =
             "mask_count": cfg.data.mask_count, "losses": [float(x) for x in losses]}
 
 
-def trainer_step(cfg, hf, batches):
-    """The loop's own step (trainer/step.py) on the loop's model set-up, less the LR schedule."""
+def trainer_step(cfg, hf, batches, schedule_steps: int | None = None):
+    """The loop's own step (trainer/step.py) on the loop's model set-up; with the LR schedule over
+    `schedule_steps` steps if given. Returns (step function, precision, the TrainStep)."""
     from accelerate import Accelerator
 
     from trainer.model import training_model
     from trainer.runtime import resolve_mixed_precision
-    from trainer.step import TrainStep, build_optimizer
+    from trainer.step import TrainStep, build_optimizer, build_scheduler
 
     precision = resolve_mixed_precision("auto")
     accelerator = Accelerator(mixed_precision=precision)
@@ -141,18 +142,21 @@ def trainer_step(cfg, hf, batches):
     optimizer = build_optimizer(model, cfg, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     on_device = [{k: v.to(accelerator.device) for k, v in b.items()} for b in batches]
-    train_step = TrainStep(accelerator, model, optimizer, None, cfg)
+    scheduler = build_scheduler(optimizer, cfg, schedule_steps) if schedule_steps else None
+    train_step = TrainStep(accelerator, model, optimizer, scheduler, cfg)
 
     def step(i):
         result = train_step([on_device[i % len(on_device)]], i)
         return result.totals.loss_sum / result.totals.tokens
 
-    return step, precision
+    return step, precision, train_step
 
 
 def static_vs_dynamic(steps: int = 100, batch: int = 8, overrides: list[str] = ()) -> dict:
     """The compiled static-shape step against the eager step on the same batches and initial weights
-    (fixed mask count, no dropout): the largest loss difference over `steps` steps, and recompiles."""
+    (fixed mask count, no dropout, the learning rate changing every step): the largest loss difference
+    over `steps` steps, recompiles after the first steps, and whether a non-finite update leaves the
+    compiled step's parameters as they were."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -170,17 +174,32 @@ def static_vs_dynamic(steps: int = 100, batch: int = 8, overrides: list[str] = (
         cfg = apply_overrides(base.derive(), [f"--train.compile={name == 'compiled'}"])
         torch.manual_seed(0)
         hf, _ = build_model(cfg.model, len(tokenizer))
-        step, _ = trainer_step(cfg, hf, batches)
+        step, _, train_step = trainer_step(cfg, hf, batches, schedule_steps=steps)
         start, losses[name] = time.perf_counter(), []
         for i in range(steps):
             losses[name].append(float(step(i)))
             if i == 2:
                 start, graphs = time.perf_counter(), counters["stats"]["unique_graphs"]
         timings[name] = (time.perf_counter() - start) / (steps - 3)
-    return {"steps": steps, "max_abs_loss_diff": max(abs(a - b) for a, b in zip(losses["eager"], losses["compiled"])),
+    kept = nonfinite_update_keeps_parameters(train_step, batches[0])
+    return {"nonfinite_update_kept_parameters": kept, "steps": steps, "max_abs_loss_diff": max(abs(a - b) for a, b in zip(losses["eager"], losses["compiled"])),
             "final_loss_eager": losses["eager"][-1], "final_loss_compiled": losses["compiled"][-1],
             "step_s_eager": timings["eager"], "step_s_compiled": timings["compiled"],
             "recompiles_after_warmup": counters["stats"]["unique_graphs"] - graphs}
+
+
+def nonfinite_update_keeps_parameters(train_step, batch: dict) -> bool:
+    """Gradients from a real micro-batch, then the compiled update told the loss was NaN."""
+    import torch
+
+    device = train_step.accelerator.device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    loss, _, _ = train_step.forward_loss(train_step.model, batch, (batch["mlm_labels"] >= 0).sum().float(), 1.0)
+    train_step.accelerator.backward(loss)
+    before = [p.detach().clone() for p in train_step.params]
+    _, bad = train_step.update(torch.tensor(float("nan"), device=device))
+    train_step.optimizer.zero_grad(set_to_none=True)
+    return bool(bad) and all(torch.equal(a, p.detach()) for a, p in zip(before, train_step.params))
 
 
 def loss_agreement() -> dict:

@@ -78,3 +78,10 @@ def test_two_gpus_train_exactly_like_one(make_config, tmp_path):
     root = Path(one.log.output_root)
     a, b = (load_file(str(root / n / "model" / "model.safetensors")) for n in ("one", "two"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4  # TF32 matmuls: looser than on CPU
+
+
+def test_fp32_matmuls_use_tf32(make_config):
+    from trainer.loop import train
+
+    train(make_config(train={"max_steps": 1, "mixed_precision": "no"}))
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32

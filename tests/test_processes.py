@@ -42,14 +42,15 @@ def train_steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
 
 
-def test_sigterm_checkpoints_and_exits_cleanly(make_config, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])  # SIGUSR1: e.g. SLURM's --signal warning
+def test_sigterm_checkpoints_and_exits_cleanly(make_config, tmp_path, sig):
     cfg = make_config(train={"epochs": 200}, log={"run_name": "term"})
     run_dir = Path(cfg.log.output_root) / "term"
     process = start(write_recipe(tmp_path / "recipe.py", cfg))
     wait_for(lambda: len(train_steps(run_dir)) >= 3, process)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(sig)
     output, _ = process.communicate(timeout=120)
-    assert process.returncode == 143, output  # 128 + SIGTERM: a scheduler can tell preemption from completion
+    assert process.returncode == 128 + sig, output  # a scheduler can tell preemption from completion
     assert "Traceback" not in output and "Resume with:" in output and f"--resume={run_dir}" in output
     state = read_state(list_checkpoints(run_dir)[-1])
     assert state.step >= 3 and state.step == train_steps(run_dir)[-1]
@@ -232,6 +233,10 @@ def test_deepspeed_zero2_trains_like_one_process_and_the_recipe_decides_accumula
     result = launch(mismatched)
     assert result.returncode != 0 and ("error: the DeepSpeed config sets gradient_accumulation_steps=1 but the "
                                        "recipe has train.grad_accum=2") in result.stderr
+    recipe = write_recipe(tmp_path / "muon.py", ds.derive(optim={"name": "muon"}))
+    result = launch(REPO / "accelerate_configs" / "deepspeed_zero2.yaml")  # Muon needs whole matrices
+    assert result.returncode != 0 and "error: optim.name=muon needs whole weight matrices; DEEPSPEED shards" in result.stderr
+    recipe = write_recipe(tmp_path / "recipe.py", ds)
     result = launch(REPO / "accelerate_configs" / "deepspeed_zero2.yaml")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "processes 1 (DEEPSPEED)" in result.stdout  # the engine really ran (ZeRO checkpoints below)

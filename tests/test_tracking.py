@@ -101,3 +101,17 @@ def test_wandb_leet_shows_the_runs_side_by_side(make_config, tmp_path):
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], check=False)
     assert "Runs [2 items]" in screen and "-first" in screen and "-second" in screen, screen
+
+
+def test_wandb_goes_online_with_a_login_and_offline_without(tmp_path, monkeypatch):
+    from trainer.tracking import wandb_mode
+
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert wandb_mode() == "offline"
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert wandb_mode() == "online"  # what `wandb login` leaves behind
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode() == "disabled"

@@ -29,7 +29,8 @@ def test_short_run_learns_and_saves_a_loadable_model(make_config):
     assert summary["final/eval_perplexity"] == pytest.approx(math.exp(summary["final/eval_loss"]))
     train_records = records(run_dir, "train")
     assert [r["step"] for r in train_records] == list(range(1, summary["steps"] + 1))
-    for key in ("train/lr", "train/grad_norm", "train/perplexity", "train/accuracy", "train/tokens_per_s", "epoch", "tokens"):
+    for key in ("train/lr", "train/grad_norm", "train/perplexity", "train/accuracy", "train/top5_accuracy",
+                "train/tokens_per_s", "train/mfu", "train/peak_memory_gib", "epoch", "tokens", "time_s"):
         assert key in train_records[-1]
     lrs = [r["train/lr"] for r in train_records]  # 10% linear warmup, then linear decay to 0
     peak = lrs.index(max(lrs))
@@ -347,7 +348,8 @@ def test_eval_masks_do_not_depend_on_the_training_mask_rate(make_config):
     assert starts[0]["eval/loss"] == starts[1]["eval/loss"]  # same weights, same masked positions and inputs
 
 
-def test_a_diverged_run_names_the_best_checkpoint_and_never_saves_a_broken_model(make_config, monkeypatch, capsys):
+def test_a_diverged_run_names_the_best_checkpoint_and_never_saves_a_broken_model(make_config, monkeypatch, capsys,
+                                                                                 tmp_path):
     from trainer.model import SparseMLM
 
     forward, calls = SparseMLM.forward, {"n": 0}
@@ -360,11 +362,14 @@ def test_a_diverged_run_names_the_best_checkpoint_and_never_saves_a_broken_model
     monkeypatch.setattr(SparseMLM, "forward", diverging)
     cfg = make_config(train={"max_steps": 40, "save_every": 2, "eval_every": 2, "log_every": 2, "max_nonfinite_skips": 3},
                       log={"run_name": "diverged"})
-    with pytest.raises(TrainingStopped) as stopped:
-        train(cfg)
+    from conftest import write_recipe
+    from trainer.run import main
+
+    assert main([str(write_recipe(tmp_path / "diverging.py", cfg))]) == 3  # not 0, not a bad-input 2
+    stopped = capsys.readouterr().err
     run_dir = Path(cfg.log.output_root) / "diverged"
     best = min(records(run_dir, "eval"), key=lambda r: r["eval/loss"])["step"]
-    assert f"resume from the best checkpoint {run_dir}/checkpoints/step-{best:06d}" in str(stopped.value)
+    assert f"resume from the best checkpoint {run_dir}/checkpoints/step-{best:06d}" in stopped
 
     calls["n"] = 0
     monkeypatch.setattr("trainer.loop.parameters_finite", lambda model: calls["n"] < 3)  # a broken model at step 4
