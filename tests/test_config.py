@@ -107,3 +107,23 @@ def test_command_line_resume_and_tracker_shorthands():
     assert apply_overrides(Config(), cli.overrides).log.tracker == []  # none: metrics.jsonl only
     assert apply_overrides(Config(), parse_command_line(["r.py", "--tracker=tensorboard"]).overrides).log.tracker == ["tensorboard"]
     assert apply_overrides(Config(), ["--log.tracker=wandb,tensorboard"]).log.tracker == ["wandb", "tensorboard"]
+
+
+def test_help_lists_every_field_with_type_default_and_doc():
+    from trainer.config import SECTIONS
+
+    for command in ([sys.executable, "-m", "trainer.config", "-h"], [sys.executable, "trainer/run.py", "-h"]):
+        out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True).stdout
+        for section, fields in SECTIONS.items():
+            for f in dataclasses.fields(fields):
+                assert f"--{section}.{f.name}  " in out and f.metadata["doc"] in out, f.name
+    assert "--optim.lr  float = 0.0005\n      peak learning rate" in out
+
+
+def test_recipes_derive_without_touching_their_parent():
+    scratch = load_recipe(REPO / "recipes/scratch.py")
+    derived = scratch.derive(name="x", optim={"lr": 1.0}, train={"epochs": 9})
+    assert (derived.name, derived.optim.lr, derived.train.epochs) == ("x", 1.0, 9)
+    assert (scratch.optim.lr, scratch.train.epochs, derived.model) == (5e-4, 3, scratch.model)
+    with pytest.raises(ConfigError, match="unknown config key 'optim.learning_rate'"):
+        scratch.derive(optim={"learning_rate": 1.0})

@@ -4,7 +4,6 @@ the one-line errors (exit 2) that each must give instead of a traceback."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, subprocess_env, write_recipe
@@ -83,12 +82,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_exactly_like_one(make_config, tmp_path, capsys):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_processes_train_exactly_like_one(make_config, tmp_path, capsys, optimizer):
     """1 x batch 8 == 2 processes x batch 4 == 1 x batch 4 x 2 accumulation steps (dropout off)."""
-    steps = {"max_steps": 8, "eval_every": 4}
-    one = make_config(train={"batch_size": 8, **steps}, log={"run_name": "one"})
-    accumulated = make_config(train={"batch_size": 4, "grad_accum": 2, **steps}, log={"run_name": "accum"})
-    two = make_config(train={"batch_size": 4, **steps}, log={"run_name": "two", "tracker": "wandb"})
+    steps, optim = {"max_steps": 8, "eval_every": 4}, {"name": optimizer, "muon_lr": 0.01}
+    one = make_config(optim=optim, train={"batch_size": 8, **steps}, log={"run_name": "one"})
+    accumulated = make_config(optim=optim, train={"batch_size": 4, "grad_accum": 2, **steps}, log={"run_name": "accum"})
+    two = make_config(optim=optim, train={"batch_size": 4, **steps}, log={"run_name": "two", "tracker": "wandb"})
     train(one)
     train(accumulated)
     env = {**subprocess_env(), "ACCELERATE_USE_CPU": "1"}  # several CPU processes, asked for explicitly
@@ -114,9 +114,13 @@ def test_two_processes_train_exactly_like_one(make_config, tmp_path, capsys):
             max(abs(a - b) for a, b in zip(evals["one"], evals[other])),
             max((params["one"][k] - params[other][k]).abs().max().item() for k in params["one"]),
         )
-        assert report[other][0] < 1e-6 and report[other][1] < 1e-6 and report[other][2] < 1e-6
+        if optimizer == "adamw":
+            assert max(report[other]) < 1e-6, report
+        else:  # Newton-Schulz runs in bf16 and amplifies last-bit gradient differences in weak directions:
+            # losses agree to 1e-4, single weights move by up to a fraction of one update (muon_lr 0.01)
+            assert report[other][0] < 5e-4 and report[other][1] < 5e-4 and report[other][2] < 0.01, report
     with capsys.disabled():
-        print(f"\nequivalence vs 1x8 (max |train loss diff|, max |eval loss diff|, max |param diff|): {report}")
+        print(f"\n{optimizer} equivalence vs 1x8 (max |train loss diff|, max |eval loss diff|, max |param diff|): {report}")
     # one run, one metrics file, one W&B run, written by the main process only
     assert len(list(root.glob("two*"))) == 1 and len(list(root.glob("*/wandb"))) == 0
     assert len(list((root / "wandb").glob("offline-run-*-two"))) == 1

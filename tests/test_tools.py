@@ -9,7 +9,7 @@ import torch
 
 from conftest import REPO
 from trainer.config import Config, DataConfig
-from trainer.data import IndexedBlocks, dense_labels, eval_collator, load_blocks, load_tokenizer
+from trainer.data import dense_labels, eval_collator, load_blocks, load_tokenizer
 from trainer.loop import train
 from trainer.tracking import read_jsonl
 

@@ -188,7 +188,10 @@ class Trainer:
         if self.resume_from is not None:
             self.state = load_checkpoint(accelerator, self.resume_from)
             self.elapsed_before = self.state.elapsed_s
-            if self.state.step >= self.last_step and (self.run_dir / MODEL_DIR / "config.json").is_file():
+            # At its last step with the model saved, or past it: nothing to train. At its last step
+            # without a model (the final save failed), finish() saves it.
+            exported = (self.run_dir / MODEL_DIR / "config.json").is_file()
+            if self.state.step > self.last_step or (self.state.step == self.last_step and exported):
                 raise ConfigError(f"run {self.run_dir} is already at step {self.state.step} of {self.last_step}: "
                                   f"nothing to train (raise --train.max_steps, or start a new run)")
             self.console.print(f"resumed from {self.resume_from} at step {self.state.step} (epoch "
@@ -282,7 +285,7 @@ class Trainer:
                                f"non-finite loss or gradient norm, update skipped ({self.longest_skip_run} in a row)[/yellow]")
             if t.on_nonfinite == "stop" or self.longest_skip_run >= t.max_nonfinite_skips:
                 best = best_checkpoint(self.run_dir) if self.accelerator.is_main_process else None
-                where = f"resume from the best checkpoint {best}" if best else f"no checkpoint was saved at an evaluation"
+                where = f"resume from the best checkpoint {best}" if best else "no checkpoint was saved at an evaluation"
                 raise TrainingStopped(f"stopped at step {state.step}: non-finite loss or gradient norm "
                                       f"(train.on_nonfinite={t.on_nonfinite}, {self.longest_skip_run} in a row); "
                                       f"{where}, with a lower --optim.lr")
