@@ -128,8 +128,8 @@ def test_bad_inputs_are_one_line_errors(make_config, tmp_path, tiny_corpus_dir, 
     shutil.copytree(tiny_corpus_dir, latin1)
     (latin1 / "wiki.train.raw").write_bytes((tiny_corpus_dir / "wiki.train.raw").read_bytes() + "café\n".encode("latin1"))
     state = json.loads((good / "checkpoints" / "step-000002" / STATE_FILE).read_text())
-    empty_state, string_step = tmp_path / "empty", tmp_path / "string"
-    for broken, content in ((empty_state, {}), (string_step, {**state, "step": "200"})):
+    empty_state, string_step, two_procs = tmp_path / "empty", tmp_path / "string", tmp_path / "two"
+    for broken, content in ((empty_state, {}), (string_step, {**state, "step": "200"}), (two_procs, {**state, "processes": 2})):
         shutil.copytree(good, broken)
         (broken / "checkpoints" / "step-000002" / STATE_FILE).write_text(json.dumps(content))
 
@@ -143,6 +143,8 @@ def test_bad_inputs_are_one_line_errors(make_config, tmp_path, tiny_corpus_dir, 
          "on or how (optim.lr: run 0.003, now 0.1; train.batch_size: run 8, now 4)"),
         ([f"--resume={empty_state}", "--train.max_steps=4"], "trainer_state.json ValueError: missing ['step', 'epoch'"),
         ([f"--resume={string_step}", "--train.max_steps=4"], "trainer_state.json ValueError: step='200' is not an integer"),
+        ([f"--resume={two_procs}", "--train.max_steps=4"], "was trained with 2 process(es), this launch has 1: resume "
+                                                          "with --num_processes 2"),
     ]
     for argv, expected in cases:
         code, _, err = run_main(argv, capsys)
@@ -181,3 +183,16 @@ def test_two_runs_started_in_the_same_second_get_two_directories(tmp_path):
     made = {p.communicate(timeout=60)[0].strip() for p in processes}
     assert len(made) == 2 and all(Path(d).is_dir() for d in made)
     assert len({Path(d).name.removesuffix("-2") for d in made}) == 1  # same second, the second one suffixed
+
+
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(make_config, tmp_path, capsys):
+    cfg = make_config(train={"max_steps": 6, "save_every": 2, "keep_last": 5}, log={"run_name": "branch"})
+    recipe = write_recipe(tmp_path / "recipe.py", cfg)
+    run_dir = Path(cfg.log.output_root) / "branch"
+    assert main([str(recipe)]) == 0
+    assert main([f"--resume={run_dir}/checkpoints/step-000002", "--train.max_steps=8"]) == 0
+    assert "step-000004 moved to" in capsys.readouterr().out
+    assert [read_state(p).step for p in list_checkpoints(run_dir)] == [2, 4, 6, 8]  # the new branch's
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "abandoned").iterdir()) == ["step-000004", "step-000006"]
+    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
+    assert steps == list(range(1, 9))  # the metrics history is the new branch's too

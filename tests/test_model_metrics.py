@@ -179,3 +179,24 @@ def test_long_loops_show_progress_on_a_terminal_and_plain_lines_off_one(monkeypa
     assert list(plain.track(range(3), 3, "eval")) == [0, 1, 2]
     lines = plain.console.file.getvalue().splitlines()
     assert [line.split(" ", 1)[1].rsplit(" (", 1)[0] for line in lines] == ["eval 1/3", "eval 2/3", "eval 3/3"]
+
+
+def test_the_schedule_reaches_both_optimizers_of_muon_after_prepare_and_resume():
+    from accelerate import Accelerator
+
+    from trainer.config import Config
+    from trainer.step import build_optimizer, build_scheduler
+
+    cfg = Config(model=ModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32))
+    cfg.optim.name = "muon"
+    model = SparseMLM(build_model(cfg.model, vocab_size=40)[0])
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    model, optimizer = Accelerator(cpu=True).prepare(model, optimizer)  # prepare reloads the state dict
+    scheduler = build_scheduler(optimizer, cfg, total_steps=100)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    optimizer.load_state_dict(optimizer.state_dict())  # as a resume does
+    scheduler.step()
+    used = [group["lr"] for part in optimizer.optimizer.parts for group in part.param_groups]
+    assert used == scheduler.get_last_lr() and used[-1] == pytest.approx(cfg.optim.muon_lr * 4 / 6)  # 6 warmup steps

@@ -30,8 +30,9 @@ class TrainState:
     best_eval_loss: float = math.inf
     last_eval_step: int = -1  # the step of the latest evaluation (-1: none yet)
     last_eval_loss: float | None = None
-    nonfinite_skips: int = 0  # consecutive non-finite steps up to now
+    nonfinite_in_a_row: int = 0  # consecutive non-finite steps up to now
     elapsed_s: float = 0.0  # wall time of the run so far, summed over resumed sessions
+    processes: int = 1  # batches_in_epoch and the RNG files are per process: a resume needs as many
 
     @property
     def eval_loss(self) -> float | None:
@@ -81,6 +82,18 @@ def remove_partial_saves(run_dir: Path) -> None:
     """`.tmp-*` directories are saves a crash interrupted: never complete, never needed."""
     for tmp in (Path(run_dir) / CHECKPOINTS).glob(".tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def set_aside_later_checkpoints(run_dir: Path, step: int) -> list[Path]:
+    """Resuming from an older checkpoint abandons the ones after it: move them to `checkpoints/abandoned/`,
+    where neither retention nor `--resume` sees them."""
+    later = [p for p in list_checkpoints(run_dir) if int(p.name.split("-")[1]) > step]
+    for path in later:
+        target = Path(run_dir) / CHECKPOINTS / "abandoned" / path.name
+        shutil.rmtree(target, ignore_errors=True)
+        target.parent.mkdir(exist_ok=True)
+        path.rename(target)
+    return later
 
 
 def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep_last: int) -> Path | None:
@@ -145,10 +158,12 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
 def best_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint saved at the evaluation with the lowest loss, if any was saved at an evaluation."""
     evaluated = [(read_state(p).eval_loss, p) for p in list_checkpoints(run_dir)]
-    evaluated = [(loss, p) for loss, p in evaluated if loss is not None]
+    evaluated = [(loss, p) for loss, p in evaluated if loss is not None and math.isfinite(loss)]
     return min(evaluated, key=lambda item: item[0])[1] if evaluated else None
 
 
-def parameters_finite(model) -> bool:
-    """A host sync over every parameter: done only before a save."""
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+def parameters_finite(accelerator, model) -> bool:
+    """Whether every parameter on every process is finite (FSDP shards included); one host sync, done
+    only before a save."""
+    finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+    return not any_process_failed(accelerator, not bool(finite))

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from trainer.checkpoint import (TrainState, best_checkpoint, load_checkpoint, parameters_finite, read_state,
-                                remove_partial_saves, save_checkpoint)
+                                remove_partial_saves, save_checkpoint, set_aside_later_checkpoints)
 from trainer.config import Config, ConfigError
 from trainer.console import ConsoleSink, TrainingConsole, quiet_libraries
 from trainer.data import IndexedBlocks, MLMCollator, eval_dataloader, load_blocks, load_tokenizer
@@ -27,8 +28,8 @@ from trainer.export import save_model, write_model_card
 from trainer.fillmask import log_samples
 from trainer.metrics import IntervalMeter, model_flops_per_token, peak_flops, perplexity
 from trainer.model import build_model, check_attention_fits, check_block_size, count_parameters, training_model
-from trainer.rundir import (CONFIG_FILE, MODEL_DIR, check_resume_config, create_run_dir, find_checkpoint,
-                            remove_if_empty, run_dir_of, write_json_atomic)
+from trainer.rundir import (CONFIG_FILE, MODEL_DIR, SUMMARY_FILE, check_resume_config, create_run_dir, find_checkpoint,
+                            read_json, remove_if_empty, run_dir_of, write_json_atomic)
 from trainer.runtime import (StopRequest, check_device_matches_launch, check_plugins_match_recipe, cuda_in_use,
                              enable_tf32, force_cpu, resolve_mixed_precision)
 from trainer.step import TrainStep, build_optimizer, build_scheduler
@@ -92,7 +93,7 @@ class Trainer:
         self.setup_resume_and_logging()
 
     def setup_accelerator(self) -> None:
-        from accelerate import Accelerator, PartialState
+        from accelerate import Accelerator
         from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
 
         cfg, state = self.cfg, PartialState(cpu=force_cpu())
@@ -132,6 +133,8 @@ class Trainer:
         if self.resume_from is not None:
             run_dir = run_dir_of(self.resume_from)
             remove_partial_saves(run_dir)
+            for path in set_aside_later_checkpoints(run_dir, read_state(self.resume_from).step):
+                print(f"resuming from an earlier checkpoint: {path.name} moved to {path.parent / 'abandoned'}", flush=True)
         else:
             run_dir = create_run_dir(Path(self.cfg.log.output_root), self.cfg.log.run_name, self.cfg.name)
         config = {"run_id": run_dir.name, "recipe": self.recipe, "command": self.command, **self.cfg.to_dict()}
@@ -186,18 +189,10 @@ class Trainer:
     def setup_resume_and_logging(self) -> None:
         cfg, accelerator = self.cfg, self.accelerator
         if self.resume_from is not None:
-            self.state = load_checkpoint(accelerator, self.resume_from)
-            self.elapsed_before = self.state.elapsed_s
-            # At its last step with the model saved, or past it: nothing to train. At its last step
-            # without a model (the final save failed), finish() saves it.
-            exported = (self.run_dir / MODEL_DIR / "config.json").is_file()
-            if self.state.step > self.last_step or (self.state.step == self.last_step and exported):
-                raise ConfigError(f"run {self.run_dir} is already at step {self.state.step} of {self.last_step}: "
-                                  f"nothing to train (raise --train.max_steps, or start a new run)")
-            self.console.print(f"resumed from {self.resume_from} at step {self.state.step} (epoch "
-                               f"{self.state.epoch + 1}, batch {self.state.batches_in_epoch})")
-        self.step = TrainStep(accelerator, self.model, self.optimizer, self.scheduler, cfg,
-                              nonfinite_in_a_row=self.state.nonfinite_skips)
+            self.resume()
+        self.state.processes = accelerator.num_processes
+        self.take_step = TrainStep(accelerator, self.model, self.optimizer, self.scheduler, cfg,
+                                   nonfinite_in_a_row=self.state.nonfinite_in_a_row)
         self.meter = IntervalMeter(accelerator.device, self.flops_per_token,
                                    peak_flops(accelerator.device.type, accelerator.mixed_precision))
         resume_step = self.state.step if self.resume_from else None
@@ -210,6 +205,33 @@ class Trainer:
             f"epochs = {self.total_steps:,} steps (batch {cfg.train.batch_size} x {cfg.train.grad_accum} accum x "
             f"{accelerator.num_processes} proc)"
             + (f", stopping at step {self.last_step}" if self.last_step < self.total_steps else ""))
+
+    def resume(self) -> None:
+        """Continue from the checkpoint; refuse what cannot continue exactly or has nothing left to train."""
+        saved, accelerator = read_state(self.resume_from), self.accelerator
+        if saved.processes != accelerator.num_processes:
+            raise ConfigError(f"run {self.run_dir} was trained with {saved.processes} process(es), this launch has "
+                              f"{accelerator.num_processes}: resume with --num_processes {saved.processes}")
+        self.state = load_checkpoint(accelerator, self.resume_from)
+        self.elapsed_before = self.state.elapsed_s
+        if self.state.step > self.last_step or (self.state.step == self.last_step and self.finished_before()):
+            hint = "start a new run" if self.state.step >= self.total_steps else "raise --train.max_steps"
+            raise ConfigError(f"run {self.run_dir} is already at step {self.state.step} of {self.last_step}: "
+                              f"nothing to train ({hint})")
+        for group in self.optimizer.param_groups:  # a compiled step's tensor lr comes back on the CPU
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"] = group["lr"].to(accelerator.device)
+        self.console.print(f"resumed from {self.resume_from} at step {self.state.step} (epoch "
+                           f"{self.state.epoch + 1}, batch {self.state.batches_in_epoch})")
+
+    def finished_before(self) -> bool:
+        """Whether an earlier session finished at this step (its model saved whole). If not, a run at its
+        last step has only its model to save, which finish() does."""
+        try:
+            summary = read_json(self.run_dir / SUMMARY_FILE)
+        except (OSError, ValueError):
+            return False
+        return summary.get("status") == "finished" and summary.get("steps") == self.state.step
 
     # ------------------------------------------------------------------ fit
 
@@ -226,7 +248,9 @@ class Trainer:
             due = self.due()
             if due.log:
                 self.log_train()
-            new_best = due.eval and self.evaluate()
+            new_best = False
+            if due.eval:
+                new_best = self.evaluate()
             if due.save or new_best:
                 self.save()
             if due.log or due.eval or due.save or new_best:
@@ -248,7 +272,7 @@ class Trainer:
 
     def train_step(self, window: list[dict]) -> None:
         state = self.state
-        result = self.step(window, state.step)
+        result = self.take_step(window, state.step)
         state.step += 1
         state.batches_in_epoch += len(window)
         state.tokens_seen += self.tokens_per_batch * len(window)
@@ -256,7 +280,7 @@ class Trainer:
         if self.epoch_ended:
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
         if self.is_log_step():  # the interval's one host sync, inside the timed region: the device catches up here
-            self.skipped, self.longest_skip_run, state.nonfinite_skips = self.step.guard.read()
+            self.skipped, self.longest_skip_run, state.nonfinite_in_a_row = self.take_step.guard.read()
         self.meter.add(result.totals, result.grad_norm, result.updated, self.tokens_per_batch * len(window))
         self.console.advance(state.step)
 
@@ -264,11 +288,11 @@ class Trainer:
         return self.state.step % self.cfg.train.log_every == 0 or self.state.step == self.last_step
 
     def due(self) -> Due:
-        """What this step makes due; every rule is here. Log: every `log_every` steps and at the last step.
-        Evaluate: every `eval_every` steps, at each epoch end and at the last step. Save: every
-        `save_every` steps, at each epoch end, at the last step, on a stop signal, and (in `fit`) after
-        an evaluation with a new best loss. Stop: at the last step, or on a signal (agreed by all
-        processes at a logging step)."""
+        """What this step makes due. Log: every `log_every` steps and at the last step. Evaluate: every
+        `eval_every` steps, at each epoch end and at the last step. Save: every `save_every` steps, at
+        each epoch end, at the last step, on a stop signal, and after an evaluation with a new best
+        loss (which `fit` learns from the evaluation). Stop: at the last step, or on a signal (agreed
+        by all processes at a logging step)."""
         t, step = self.cfg.train, self.state.step
         last = step >= self.last_step
         log = self.is_log_step()
@@ -308,7 +332,8 @@ class Trainer:
 
     def save(self) -> None:
         self.state.elapsed_s = self.elapsed()
-        if not parameters_finite(self.model):  # never replace a good checkpoint with a broken model
+        self.state.nonfinite_in_a_row = self.take_step.guard.in_a_row_now()
+        if not parameters_finite(self.accelerator, self.model):  # never replace a good checkpoint with a broken model
             self.console.print(f"[red]parameters are not finite at step {self.state.step}: checkpoint NOT written[/red]")
             return
         save_checkpoint(self.accelerator, self.run_dir, self.state, self.cfg.train.keep_last)
@@ -322,6 +347,9 @@ class Trainer:
             self.console.print(f"[yellow]{self.stop.signal_name}: stopped at step {state.step}; checkpoint in "
                                f"{self.run_dir}/checkpoints. Resume with:[/yellow] {self.resume_command()}")
         model_dir = self.run_dir / MODEL_DIR
+        if not parameters_finite(self.accelerator, self.model):
+            raise TrainingStopped(f"parameters are not finite at step {state.step}: the model is NOT saved; resume "
+                                  f"from the best checkpoint {best_checkpoint(self.run_dir)}, with a lower --optim.lr")
         save_model(self.accelerator, self.model, self.tokenizer, model_dir, resume_hint=self.resume_command())
         summary = {
             "run_id": self.run_dir.name, "recipe": self.cfg.name, "status": "interrupted" if interrupted else "finished",
@@ -342,19 +370,25 @@ class Trainer:
             samples = log_samples(self.cfg, model_dir, self.logger, state.step)
         self.logger.summary(summary)
         if self.accelerator.is_main_process:
-            write_model_card(model_dir, self.cfg, summary, self.model_config, samples, self.command)
+            try:
+                write_model_card(model_dir, self.cfg, summary, self.model_config, samples, self.command)
+            except OSError as e:  # the model itself is saved; its card is a convenience
+                self.console.print(f"warning: model card not written ({e.strerror})")
         return summary
 
     def close(self) -> None:
         """Release everything, also after an error; a run that failed before producing anything leaves no directory."""
         self.stop.restore()
         if self.accelerator is None:
+            if self.run_dir is not None and self.resume_from is None and PartialState().is_main_process:
+                remove_if_empty(self.run_dir)
             return
+        self.console.close()
         if self.logger is not None:
             self.logger.close()
         # torch's gloo backend can abort at exit while a DDP model or loader still holds process-group
         # resources: drop every reference before the trackers and the process group go away.
-        for name in ("model", "optimizer", "train_loader", "eval_loader", "scheduler", "step"):
+        for name in ("model", "optimizer", "train_loader", "eval_loader", "scheduler", "take_step"):
             self.__dict__.pop(name, None)
         self.accelerator.free_memory()
         gc.collect()

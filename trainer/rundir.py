@@ -97,11 +97,16 @@ def create_run_dir(output_root: Path, name: str | None, recipe_name: str) -> Pat
 
 
 def remove_if_empty(run_dir: Path) -> None:
-    """A run that failed before producing anything leaves no directory behind."""
-    keep = [p for p in Path(run_dir).iterdir() if p.name != CONFIG_FILE] if Path(run_dir).is_dir() else [None]
-    if not keep:
-        (Path(run_dir) / CONFIG_FILE).unlink(missing_ok=True)
-        Path(run_dir).rmdir()
+    """A run that failed before producing anything (a config and an empty metrics file at most) leaves
+    no directory behind."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    made = list(run_dir.iterdir())
+    if all(p.name == CONFIG_FILE or (p.name == METRICS_FILE and p.stat().st_size == 0) for p in made):
+        for path in made:
+            path.unlink()
+        run_dir.rmdir()
 
 
 # --------------------------------------------------------------------------- finding a run to resume
@@ -172,6 +177,4 @@ def resume_config(cli: CommandLine) -> tuple[Config, Path]:
     base = apply_overrides(load_recipe(cli.recipe), list(cli.overrides)) if cli.recipe else Config()
     checkpoint = find_checkpoint(cli.resume, Path(base.log.output_root), base.name)
     stored = stored_config(run_dir_of(checkpoint))
-    cfg = apply_overrides(copy.deepcopy(stored), cli.overrides).validate()
-    check_resume_config(cfg, run_dir_of(checkpoint))
-    return cfg, checkpoint
+    return apply_overrides(copy.deepcopy(stored), cli.overrides).validate(), checkpoint  # checked by the Trainer

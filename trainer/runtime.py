@@ -80,6 +80,8 @@ def check_plugins_match_recipe(accelerator, cfg) -> None:
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return
     ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    if ds_config.get("bf16", {}).get("enabled"):  # skip overflowing steps in bf16 too, whatever the version default
+        ds_config["bf16"].setdefault("check_grad_overflow", True)
     for key, recipe_key, value in (("gradient_accumulation_steps", "train.grad_accum", cfg.train.grad_accum),
                                    ("gradient_clipping", "optim.grad_clip", cfg.optim.grad_clip)):
         if ds_config.get(key, "auto") == "auto":

@@ -6,7 +6,8 @@ step divides the summed masked-token cross-entropy by the number of masked token
 (all micro-batches, all processes), so 2 processes x batch 4, 1 x 8 and 1 x 4 with 2 accumulation
 steps give the same gradients.
 
-Nothing here reads a value back from the device: a training step never waits for the GPU.
+A step reads nothing back from the device (it never waits for the GPU), except where the guard runs in
+"host" mode: an optimizer without a device-side skip (Muon, AdamW with optim.fused=false).
 """
 
 from __future__ import annotations
@@ -47,14 +48,17 @@ def build_optimizer(model, cfg: Config, device: torch.device) -> torch.optim.Opt
 
 
 class Optimizers(torch.optim.Optimizer):
-    """Several optimizers stepped as one. `param_groups` are the parts' own group dicts, so a
-    scheduler's learning-rate change reaches them; the state dict holds each part's."""
+    """Several optimizers stepped as one. `param_groups` are the parts' own group dicts, read anew each
+    time (loading a state dict replaces them), so the schedule's learning rate reaches every part."""
 
     def __init__(self, *parts: torch.optim.Optimizer):  # no super().__init__: the parts own the groups
         self.parts = parts
-        self.param_groups = [group for part in parts for group in part.param_groups]
         self.defaults = {}
         self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for part in self.parts for group in part.param_groups]
 
     @property
     def state(self):
@@ -117,6 +121,7 @@ class NonFiniteGuard:
     def __init__(self, accelerator, optimizer, in_a_row: int = 0):
         from accelerate.utils import DistributedType
 
+        self.accelerator = accelerator
         self.inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's AcceleratedOptimizer
         if (getattr(optimizer, "scaler", None) is not None
                 or accelerator.distributed_type == DistributedType.DEEPSPEED):
@@ -152,10 +157,18 @@ class NonFiniteGuard:
         return 1.0 - bad
 
     def read(self) -> tuple[int, int, int]:
-        """(non-finite steps, longest run of them, current run) since the last read; a host sync."""
-        skipped, longest, in_a_row = (int(x) for x in torch.stack([self.skipped, self.longest, self.in_a_row]).tolist())
+        """(non-finite steps, longest run of them, current run) since the last read, the most of any
+        process (all of them decide alike whether to stop); a host sync."""
+        counts = torch.stack([self.skipped, self.longest, self.in_a_row])
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="max")
+        skipped, longest, in_a_row = (int(x) for x in counts.tolist())
         self.skipped, self.longest = torch.zeros_like(self.skipped), self.in_a_row.clone()  # a run goes on
         return skipped, longest, in_a_row
+
+    def in_a_row_now(self) -> int:
+        """The current run of non-finite steps, for a checkpoint (a host sync, at saves only)."""
+        return int(self.in_a_row)
 
 
 @dataclass

@@ -17,7 +17,7 @@ import math
 import datasets
 import evaluate
 
-MAX_LOG_PERPLEXITY = 700.0  # exp(709) overflows a float64
+MAX_LOG_PERPLEXITY = 700.0  # exp(709) overflows a float64; as trainer/metrics.py (this module stands alone)
 
 
 class MaskedLM(evaluate.Metric):
