@@ -196,3 +196,18 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(make_config, t
     assert sorted(p.name for p in (run_dir / "checkpoints" / "abandoned").iterdir()) == ["step-000004", "step-000006"]
     steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
     assert steps == list(range(1, 9))  # the metrics history is the new branch's too
+
+
+def test_a_run_killed_between_its_last_checkpoint_and_its_model_only_saves_the_model(make_config, tmp_path):
+    cfg = make_config(train={"max_steps": 4, "save_every": 2}, log={"run_name": "almost"})
+    recipe = write_recipe(tmp_path / "recipe.py", cfg)
+    run_dir = Path(cfg.log.output_root) / "almost"
+    assert main([str(recipe)]) == 0
+    shutil.rmtree(run_dir / "model")  # what a kill after the step-4 checkpoint leaves: no model, no summary
+    (run_dir / "summary.json").unlink()
+    records_before = read_jsonl(run_dir / "metrics.jsonl")
+    assert main([f"--resume={run_dir}"]) == 0
+    assert (run_dir / "model" / "model.safetensors").is_file()
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
+    assert [r for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r] == \
+        [r for r in records_before if "train/loss" in r]  # nothing trained again
