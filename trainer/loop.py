@@ -72,7 +72,7 @@ class Trainer:
         self.state = TrainState()
         self.started = time.time()
         self.stop = StopRequest()
-        self.accelerator = self.logger = self.run_dir = None
+        self.accelerator = self.logger = self.run_dir = self.console = None
         self.elapsed_before = 0.0  # wall time of the sessions before a resume
         self.epoch_ended, self.skipped, self.longest_skip_run = False, 0, 0
         self.train_metrics: dict = {}
@@ -383,7 +383,8 @@ class Trainer:
             if self.run_dir is not None and self.resume_from is None and PartialState().is_main_process:
                 remove_if_empty(self.run_dir)
             return
-        self.console.close()
+        if self.console is not None:
+            self.console.close()
         if self.logger is not None:
             self.logger.close()
         # torch's gloo backend can abort at exit while a DDP model or loader still holds process-group
