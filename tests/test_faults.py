@@ -190,6 +190,11 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(make_config, t
     recipe = write_recipe(tmp_path / "recipe.py", cfg)
     run_dir = Path(cfg.log.output_root) / "branch"
     assert main([str(recipe)]) == 0
+    state_file = run_dir / "checkpoints" / "step-000002" / STATE_FILE  # a refused resume touches nothing
+    state_file.write_text(json.dumps({**json.loads(good := state_file.read_text()), "processes": 2}))
+    assert main([f"--resume={run_dir}/checkpoints/step-000002", "--train.max_steps=8"]) == 2
+    assert [read_state(p).step for p in list_checkpoints(run_dir)] == [2, 4, 6]
+    state_file.write_text(good)
     assert main([f"--resume={run_dir}/checkpoints/step-000002", "--train.max_steps=8"]) == 0
     assert "step-000004 moved to" in capsys.readouterr().out
     assert [read_state(p).step for p in list_checkpoints(run_dir)] == [2, 4, 6, 8]  # the new branch's

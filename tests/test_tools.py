@@ -78,6 +78,8 @@ def test_evaluate_module_gives_the_loops_numbers(trained_run, capsys):
         assert metrics[key] == pytest.approx(loop[key], rel=1e-9), key
     assert loop["eval/top5_accuracy"] > loop["eval/accuracy"] > 0
     assert main([str(trained_run)]) == 0 and f"{loop['eval/loss']:.4f}" in capsys.readouterr().out
+    # its model/ directory (what `make evaluate` passes) brings the run's config too, not the defaults
+    assert config_for(str(trained_run / "model"), []) == config_for(str(trained_run), []) != config_for("x", [])
     # Token-weighted: an example with more masked tokens counts for more.
     module = evaluate.load(str(METRIC))
     assert module.compute(loss_sum=[4.0, 1.0], masked_tokens=[4, 1], correct=[2, 0], top5_correct=[4, 1]) == {

@@ -4,7 +4,7 @@ A checkpoint is written into `checkpoints/.tmp-step-N` and renamed to `checkpoin
 every file is on disk (`trainer_state.json` last). A failure while writing (a full disk raises OSError,
 safetensors' SafetensorError or torch's RuntimeError) removes the partial directory, prints one warning
 line and lets training go on with the earlier checkpoints intact. A crash (kill -9) can leave a
-`.tmp-*` directory; it is removed at the next start.
+`.tmp-*` directory; it is removed when that run is resumed.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
     python -m trainer.compare runs/scratch-20261124-031000 runs/finetune-20261124-040000 [--out DIR]
     make compare RUNS="runs/a runs/b"
 
-Reads each run directory's `metrics.jsonl`, `config.json` and `summary.json`, which every run has.
+Reads each run directory's `metrics.jsonl`, `config.json` and (if the run finished
+or was interrupted) `summary.json`.
 W&B's own files are W&B's to read: `wandb leet runs/wandb` shows the offline runs side by side.
 """
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.console import fmt
-from trainer.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_jsonl
+from trainer.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_json, read_jsonl
 from trainer.tracking import flatten
 
 PANELS = [  # (title, [(metric, line label)], log scale?)
@@ -65,8 +66,10 @@ def load_run(path: Path) -> Run:
     if not records:
         raise CompareError(f"{path} has no {METRICS_FILE} with records (W&B's files are read by W&B's tools: "
                            f"wandb leet {path.parent}/wandb)")
-    config = json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).is_file() else {}
-    summary = json.loads((path / SUMMARY_FILE).read_text()) if (path / SUMMARY_FILE).is_file() else {}
+    try:
+        config, summary = ({} if not (path / name).is_file() else read_json(path / name) for name in (CONFIG_FILE, SUMMARY_FILE))
+    except ValueError as e:
+        raise CompareError(f"{path}: {e}") from None
     return Run(path.name, path, records, config, summary)
 
 

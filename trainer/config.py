@@ -107,7 +107,7 @@ class TrainConfig:
     grad_accum: int = option(1, "micro-batches per optimizer step")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = option(
         "auto", "auto = bf16 where the hardware runs it natively (CUDA compute capability 8+, CPU with "
-                "avx512_bf16/AMX), else fp32")
+                "avx512_bf16/AMX), fp16 on older GPUs, else fp32")
     compile: bool = option(
         False, "torch.compile the training step: forward, head, loss and backward, and clipping with the "
                "optimizer update (capturable AdamW, the learning rate a tensor); best with data.mask_count=fixed")
@@ -212,6 +212,8 @@ class Config:
             (t.max_nonfinite_skips >= 1, f"train.max_nonfinite_skips={t.max_nonfinite_skips} must be at least 1"),
             (t.eval_every >= 0 and t.save_every >= 0, "train.eval_every and train.save_every must be >= 0"),
             (t.keep_last >= 1, f"train.keep_last={t.keep_last} must be at least 1"),
+            (all("[MASK]" in p for p in self.log.probes), f"log.probes: every sentence needs a [MASK] (they are "
+             f"comma-separated on the command line): {[p for p in self.log.probes if '[MASK]' not in p]}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -76,12 +76,20 @@ def evaluate_model(name: str, cfg, split: str = "validation", log=print, track=N
 
 
 def config_for(name: str, overrides: list[str]):
-    """A run directory's own config (its data, block size), else the defaults; then the overrides."""
+    """The config of the run `name` is (or whose model/ it is): its data, block size; else the defaults;
+    then the overrides. A model directory's own config.json is the model's, not a run's."""
     from trainer.config import Config, apply_overrides
-    from trainer.rundir import CONFIG_FILE, stored_config
+    from trainer.rundir import CONFIG_FILE, read_json, stored_config
 
-    base = stored_config(Path(name)) if (Path(name) / CONFIG_FILE).is_file() else Config()
-    return apply_overrides(base, overrides).validate()
+    def is_run(directory: Path) -> bool:  # a run's config.json names its run; a model's is the model's
+        try:
+            return "run_id" in read_json(directory / CONFIG_FILE)
+        except (OSError, ValueError):
+            return False
+
+    path = Path(name)
+    run_dir = next((d for d in (path, path.parent) if is_run(d)), None)
+    return apply_overrides(stored_config(run_dir) if run_dir else Config(), overrides).validate()
 
 
 USAGE = ("usage: python -m trainer.evaluate MODEL_OR_RUN... [--split validation|test] [--section.key=value ...]\n"
@@ -120,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if split not in ("validation", "test"):
             raise ConfigError(f"--split {split!r}: choose validation or test")
+        if not models:
+            raise ConfigError("no model given: name run directories or model directories (make evaluate MODELS=...)")
         for name in models:
             cfg = config_for(name, overrides)
             metrics = evaluate_model(model_path(name), cfg, split, log=console.print, track=console.track)

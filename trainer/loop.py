@@ -131,10 +131,11 @@ class Trainer:
         """The resumed run's directory (cleared of interrupted saves), or a new one. Its config.json is
         the latest session's config, so the printed resume command continues what this session runs."""
         if self.resume_from is not None:
-            run_dir = run_dir_of(self.resume_from)
+            run_dir, saved = run_dir_of(self.resume_from), read_state(self.resume_from)
+            if saved.processes != PartialState().num_processes:  # refused before the run is touched
+                raise ConfigError(f"run {run_dir} was trained with {saved.processes} process(es), this launch has "
+                                  f"{PartialState().num_processes}: resume with --num_processes {saved.processes}")
             remove_partial_saves(run_dir)
-            for path in set_aside_later_checkpoints(run_dir, read_state(self.resume_from).step):
-                print(f"resuming from an earlier checkpoint: {path.name} moved to {path.parent / 'abandoned'}", flush=True)
         else:
             run_dir = create_run_dir(Path(self.cfg.log.output_root), self.cfg.log.run_name, self.cfg.name)
         config = {"run_id": run_dir.name, "recipe": self.recipe, "command": self.command, **self.cfg.to_dict()}
@@ -208,10 +209,7 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from the checkpoint; refuse what cannot continue exactly or has nothing left to train."""
-        saved, accelerator = read_state(self.resume_from), self.accelerator
-        if saved.processes != accelerator.num_processes:
-            raise ConfigError(f"run {self.run_dir} was trained with {saved.processes} process(es), this launch has "
-                              f"{accelerator.num_processes}: resume with --num_processes {saved.processes}")
+        accelerator = self.accelerator
         self.state = load_checkpoint(accelerator, self.resume_from)
         self.elapsed_before = self.state.elapsed_s
         if self.state.step > self.last_step or (self.state.step == self.last_step and self.finished_before()):
@@ -221,6 +219,9 @@ class Trainer:
         for group in self.optimizer.param_groups:  # a compiled step's tensor lr comes back on the CPU
             if isinstance(group["lr"], torch.Tensor):
                 group["lr"] = group["lr"].to(accelerator.device)
+        if accelerator.is_main_process:  # only once the checkpoint has loaded
+            for path in set_aside_later_checkpoints(self.run_dir, self.state.step):
+                self.console.print(f"resuming from an earlier checkpoint: {path.name} moved to {path.parent / 'abandoned'}")
         self.console.print(f"resumed from {self.resume_from} at step {self.state.step} (epoch "
                            f"{self.state.epoch + 1}, batch {self.state.batches_in_epoch})")
 
@@ -348,9 +349,13 @@ class Trainer:
                                f"{self.run_dir}/checkpoints. Resume with:[/yellow] {self.resume_command()}")
         model_dir = self.run_dir / MODEL_DIR
         if not parameters_finite(self.accelerator, self.model):
-            raise TrainingStopped(f"parameters are not finite at step {state.step}: the model is NOT saved; resume "
-                                  f"from the best checkpoint {best_checkpoint(self.run_dir)}, with a lower --optim.lr")
+            best = best_checkpoint(self.run_dir)
+            where = f"resume from the best checkpoint {best}" if best else "no checkpoint was saved at an evaluation"
+            raise TrainingStopped(f"parameters are not finite at step {state.step}: the model is NOT saved; {where}, "
+                                  f"with a lower --optim.lr")
         save_model(self.accelerator, self.model, self.tokenizer, model_dir, resume_hint=self.resume_command())
+        if not self.eval_metrics and state.last_eval_step == state.step:  # a resume that only saves the model
+            self.eval_metrics = {"eval/loss": state.last_eval_loss, "eval/perplexity": perplexity(state.last_eval_loss)}
         summary = {
             "run_id": self.run_dir.name, "recipe": self.cfg.name, "status": "interrupted" if interrupted else "finished",
             "exit_code": self.stop.exit_code, "parameters": self.n_params, "steps": state.step,

@@ -87,6 +87,7 @@ class IntervalMeter:
 
     def reset(self) -> None:
         self.totals, self.grad_norm_sum = MLMTotals(), torch.zeros((), device=self.device)
+        self.grad_norm_steps = torch.zeros((), device=self.device)
         self.steps, self.tokens, self.seconds = 0, 0, 0.0
 
     def restart_clock(self) -> None:
@@ -95,7 +96,9 @@ class IntervalMeter:
     def add(self, totals: MLMTotals, grad_norm: torch.Tensor, updated: torch.Tensor, tokens: int) -> None:
         now = time.perf_counter()
         self.totals.merge(totals, keep=updated)
-        self.grad_norm_sum = self.grad_norm_sum + torch.where(updated > 0, grad_norm, 0.0)
+        counted = (updated > 0) & torch.isfinite(grad_norm)  # a scaler's overflow step is updated=1 with an inf norm
+        self.grad_norm_sum = self.grad_norm_sum + torch.where(counted, grad_norm, 0.0)
+        self.grad_norm_steps = self.grad_norm_steps + counted
         self.steps, self.tokens, self.seconds = self.steps + 1, self.tokens + tokens, self.seconds + now - self.clock
         self.session_tokens, self.session_seconds = self.session_tokens + tokens, self.session_seconds + now - self.clock
         self.clock = now
@@ -107,7 +110,7 @@ class IntervalMeter:
             tokens_per_s = self.tokens / max(self.seconds, 1e-9)
             metrics = {
                 **self.totals.reduced(accelerator).compute("train"),
-                "train/grad_norm": float(self.grad_norm_sum) / (self.steps - skipped),  # before clipping
+                "train/grad_norm": float(self.grad_norm_sum) / max(float(self.grad_norm_steps), 1),  # before clipping
                 "train/tokens_per_s": tokens_per_s,
                 "train/peak_memory_gib": peak_memory_bytes(self.device) / 2**30,
             }

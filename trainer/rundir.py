@@ -4,7 +4,7 @@
     runs/<run>/metrics.jsonl          every logged record
     runs/<run>/summary.json           final and best metrics, tokens, wall time
     runs/<run>/checkpoints/step-NNNNNN/   Accelerate's training state + trainer_state.json (checkpoint.py)
-    runs/<run>/checkpoints/.tmp-*     a save in progress (removed at the next start if a crash left it)
+    runs/<run>/checkpoints/.tmp-*     a save in progress (a crash's leftover, removed on resume)
     runs/<run>/model/                 save_pretrained model + tokenizer + README.md model card
     runs/<run>/samples_fill_mask.json
     runs/wandb/offline-run-*          W&B's files of every run, side by side (`wandb leet runs/wandb`)
