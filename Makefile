@@ -2,7 +2,8 @@
 # Every target installs what it needs into .venv first.
 #
 # Variables: ARGS="--optim.lr=1e-3 ..." (recipe overrides), RECIPE=recipes/x.py (make train),
-# ACCEL_CONFIG=accelerate_configs/X.yaml, NUM_PROCESSES (default: the GPU count), SHARED_DATA=../shared/data
+# ACCEL_CONFIG=accelerate_configs/X.yaml, NUM_PROCESSES (default: this machine's GPU count;
+# with multi_node.yaml give the total over all machines), SHARED_DATA=../shared/data
 # (offline copies used when the Hub is unreachable), RUNS="runs/a runs/b".
 
 VENV ?= .venv
@@ -27,7 +28,7 @@ LAUNCH = $(if $(findstring cpu_,$(ACCEL_CONFIG)),ACCELERATE_USE_CPU=1) $(ACCELER
 	$(if $(filter %cpu.yaml %single_gpu.yaml %cpu_2proc.yaml,$(ACCEL_CONFIG)),,--num_processes $(NUM_PROCESSES)) trainer/run.py
 OFFLINE = $$($(PY) -m trainer.hub $(1))
 
-.PHONY: install scratch scratch-tuned finetune train test test-browser bench gpu-check bench-plain ablate compare fillmask \
+.PHONY: install scratch scratch-tuned scratch-fast finetune train test test-browser bench gpu-check bench-plain ablate compare fillmask \
 	evaluate dashboard clean
 
 install: $(VENV)/.installed
@@ -51,12 +52,15 @@ scratch: install
 scratch-tuned: install
 	$(LAUNCH) recipes/scratch_tuned.py $(call OFFLINE,scratch) $(ARGS)
 
+scratch-fast: install
+	$(LAUNCH) recipes/scratch_fast.py $(call OFFLINE,scratch) $(ARGS)
+
 finetune: install
 	$(LAUNCH) recipes/finetune.py $(call OFFLINE,finetune) $(ARGS)
 
 # Any recipe: make train RECIPE=recipes/scratch_tuned.py ARGS="--train.epochs=1"
 train: install
-	$(LAUNCH) $(RECIPE) $(call OFFLINE,scratch) $(ARGS)
+	$(LAUNCH) $(RECIPE) $(call OFFLINE,$(if $(findstring finetune,$(RECIPE)),finetune,scratch)) $(ARGS)
 
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests --ignore=tests/browser $(ARGS)

@@ -22,10 +22,25 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The README's ablation: each change alone on top of scratch_tuned, then together (scratch_fast).
+# The README's ablation: the seed recipe, scratch_tuned, each change alone on top of it, then together
+# (recipes/scratch_fast.py is tuned+zero_init+muon(lr.005)+wsd). Names match runs/ablate-1M/results.json.
+ZI, WSD = "--model.zero_init_output=true", "--optim.schedule=wsd"
 DEFAULT_VARIANTS = {
-    "scratch (seed recipe)": "RECIPE=recipes/scratch.py",
-    "scratch_tuned": "",
+    "scratch": "RECIPE=recipes/scratch.py",
+    "tuned": "",
+    "tuned+wsd": WSD,
+    "tuned+zero_init": ZI,
+    "tuned+zero_init+lr2e-3": f"{ZI} --optim.lr=2e-3",
+    **{f"tuned+muon(lr.{lr[2:]})": f"--optim.name=muon --optim.muon_lr={lr}" for lr in ("0.005", "0.01", "0.02")},
+    "tuned+muon(lr.005)+wsd": f"--optim.name=muon --optim.muon_lr=0.005 {WSD}",
+    "tuned+zero_init+wsd": f"{ZI} {WSD}",
+    **{f"tuned+zero_init+muon(lr.{lr[2:]})": f"{ZI} --optim.name=muon --optim.muon_lr={lr}" for lr in ("0.005", "0.01")},
+    **{f"tuned+zero_init+muon(lr.{lr[2:]})+wsd": f"{ZI} --optim.name=muon --optim.muon_lr={lr} {WSD}"
+       for lr in ("0.005", "0.01")},
+    "scratch_fast+mask.15": "RECIPE=recipes/scratch_fast.py --data.mlm_probability=0.15",
+    # static shapes (issue: a fixed number of masks per block, as BERT's own pipeline) against Bernoulli
+    "scratch+fixed_masks": "RECIPE=recipes/scratch.py --data.mask_count=fixed",
+    "scratch_fast+fixed_masks": "RECIPE=recipes/scratch_fast.py --data.mask_count=fixed",
 }
 
 

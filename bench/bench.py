@@ -8,7 +8,8 @@ Each variant runs in its own process (clean peak memory, no allocator state shar
   plain-hf+malloc the same with the glibc malloc tunables trainer/run.py sets (fairer baseline)
   trainer         the loop's own train_step: head on masked rows only, fast dropout, fused AdamW,
                   bf16 autocast where the CPU/GPU has it, malloc tunables
-  trainer+compile the same with torch.compile on the encoder (--compile)
+  trainer+compile the whole step compiled (forward, loss, backward, clipping, optimizer; --compile),
+                  with a fixed mask count so it has one shape; reports recompiles after warm-up
 Reports tokens/s, speed-up over plain-hf, peak memory, achieved GFLOP/s and the fraction of a measured
 matmul peak, the loss agreement of the two paths on one batch, and WikiText-2 preprocessing time
 (cold and cached). Writes bench/results/bench-<time>.json.

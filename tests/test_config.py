@@ -27,6 +27,10 @@ def test_tuned_recipe_inherits_the_scratch_model_and_init():
     assert tuned.model == dataclasses.replace(scratch.model, dropout=0.0)
     assert (tuned.data.mlm_probability, tuned.optim.lr, tuned.optim.beta2) == (0.75, 1e-3, 0.98)
     assert (tuned.train, tuned.data.block_size) == (scratch.train, scratch.data.block_size)  # same budget
+    fast = load_recipe(REPO / "recipes/scratch_fast.py")  # same model shape and budget, other training choices
+    assert fast.model == dataclasses.replace(tuned.model, zero_init_output=True) and fast.data == tuned.data
+    assert (fast.optim.name, fast.optim.muon_lr, fast.optim.schedule) == ("muon", 0.005, "wsd")
+    assert fast.train == tuned.train
 
 
 def test_printing_the_resolved_config():
@@ -81,6 +85,8 @@ def test_bad_overrides_are_one_line_errors_naming_the_key(override, message):
     ("--data.mlm_probability=1.5", "data.mlm_probability=1.5 must be in (0, 1)"),
     ("--optim.warmup_ratio=1", "optim.warmup_ratio=1.0 must be in [0, 1)"),
     ("--model.init_std=0", "model.init_std=0.0 must be positive"),
+    ("--log.probes=She was born in [MASK], England.", "log.probes: every sentence needs a [MASK] (they are "
+     "comma-separated on the command line): ['England.']"),
 ])
 def test_validation_rejects_inconsistent_configs(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
