@@ -281,7 +281,7 @@ class Trainer:
         if self.epoch_ended:
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
         if self.is_log_step():  # the interval's one host sync, inside the timed region: the device catches up here
-            self.skipped, self.longest_skip_run, state.nonfinite_in_a_row = self.take_step.guard.read()
+            self.skipped, self.longest_skip_run, _ = self.take_step.guard.read()  # the run in a row: saved by save()
         self.meter.add(result.totals, result.grad_norm, result.updated, self.tokens_per_batch * len(window))
         self.console.advance(state.step)
 
@@ -309,11 +309,9 @@ class Trainer:
             self.console.print(f"[yellow]steps {state.step - self.meter.steps + 1}-{state.step}: {self.skipped} with a "
                                f"non-finite loss or gradient norm, update skipped ({self.longest_skip_run} in a row)[/yellow]")
             if t.on_nonfinite == "stop" or self.longest_skip_run >= t.max_nonfinite_skips:
-                best = best_checkpoint(self.run_dir) if self.accelerator.is_main_process else None
-                where = f"resume from the best checkpoint {best}" if best else "no checkpoint was saved at an evaluation"
                 raise TrainingStopped(f"stopped at step {state.step}: non-finite loss or gradient norm "
                                       f"(train.on_nonfinite={t.on_nonfinite}, {self.longest_skip_run} in a row); "
-                                      f"{where}, with a lower --optim.lr")
+                                      f"{self.where_to_resume_after_divergence()}")
         metrics = self.meter.flush(self.accelerator, self.skipped)
         if metrics:  # an interval of skipped steps only has nothing to report
             lr = float(self.scheduler.get_last_lr()[0])  # a tensor when the step is compiled
@@ -349,10 +347,8 @@ class Trainer:
                                f"{self.run_dir}/checkpoints. Resume with:[/yellow] {self.resume_command()}")
         model_dir = self.run_dir / MODEL_DIR
         if not parameters_finite(self.accelerator, self.model):
-            best = best_checkpoint(self.run_dir)
-            where = f"resume from the best checkpoint {best}" if best else "no checkpoint was saved at an evaluation"
-            raise TrainingStopped(f"parameters are not finite at step {state.step}: the model is NOT saved; {where}, "
-                                  f"with a lower --optim.lr")
+            raise TrainingStopped(f"parameters are not finite at step {state.step}: the model is NOT saved; "
+                                  f"{self.where_to_resume_after_divergence()}")
         save_model(self.accelerator, self.model, self.tokenizer, model_dir, resume_hint=self.resume_command())
         if not self.eval_metrics and state.last_eval_step == state.step:  # a resume that only saves the model
             self.eval_metrics = {"eval/loss": state.last_eval_loss, "eval/perplexity": perplexity(state.last_eval_loss)}
@@ -403,6 +399,12 @@ class Trainer:
             remove_if_empty(self.run_dir)
 
     # ------------------------------------------------------------------ helpers
+
+    def where_to_resume_after_divergence(self) -> str:
+        """The best checkpoint by eval loss, not the last one, which may hold a finite but diverged model."""
+        best = best_checkpoint(self.run_dir) if self.accelerator.is_main_process else None
+        where = f"resume from the best checkpoint {best}" if best else "no checkpoint was saved at an evaluation"
+        return f"{where}, with a lower --optim.lr"
 
     def record(self, metrics: dict) -> dict:
         return {"step": self.state.step, "tokens": self.state.tokens_seen, "time_s": round(self.elapsed(), 3), **metrics}
