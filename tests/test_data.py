@@ -1,33 +1,32 @@
-import datasets
 import pytest
 import torch
 
 from conftest import write_corpus
 from trainer.config import DataConfig
-from trainer.data import (
-    DataError,
-    IndexedBlocks,
-    MLMCollator,
-    clean_lines,
-    dense_labels,
-    eval_collator,
-    load_blocks,
-    tokenize_and_block,
-)
+from trainer.data import DataError, IndexedBlocks, MLMCollator, dense_labels, eval_collator, load_blocks
 
 
-def test_cleaning_drops_blank_lines_and_maps_unk():
-    raw = datasets.Dataset.from_dict({"text": ["", " ", " \t ", " = Title = ", "a <unk> word", "\n"]})
-    cleaned = clean_lines(raw)
-    assert cleaned["text"] == [" = Title = ", "a [UNK] word"]
+def load(cfg, tokenizer, split="train"):
+    return load_blocks(cfg, tokenizer, split, log=lambda *_: None)
 
 
-def test_blocks_are_the_concatenated_token_stream(tiny_tokenizer):
-    lines = datasets.Dataset.from_dict({"text": ["the cat sees a dog .", "the big river", "a king"]})
-    blocks = tokenize_and_block(lines, tiny_tokenizer, block_size=4)
-    stream = [t for text in lines["text"] for t in tiny_tokenizer(text)["input_ids"]]  # [CLS] ... [SEP] per line
+def test_blank_lines_are_dropped_and_unk_mapped(tmp_path, tiny_tokenizer):
+    (tmp_path / "notes.txt").write_text("\n \n \t \n = Title = \na <unk> word\n\n")
+    split = load(DataConfig(dataset=str(tmp_path / "notes.txt"), block_size=8, validation_split=0.0,
+                            cache_dir=str(tmp_path / "c")), tiny_tokenizer)
+    assert split.records == 6 and split.documents == 2
+    tokens = split.blocks.tensor().flatten().tolist()
+    assert tiny_tokenizer.unk_token_id in tokens  # <unk> became [UNK]
+
+
+def test_blocks_are_the_concatenated_token_stream(tmp_path, tiny_tokenizer):
+    lines = ["the cat sees a dog .", "the big river", "a king"]
+    (tmp_path / "t.txt").write_text("\n".join(lines) + "\n")
+    blocks = load(DataConfig(dataset=str(tmp_path / "t.txt"), block_size=4, validation_split=0.0,
+                             cache_dir=str(tmp_path / "c")), tiny_tokenizer).blocks
+    stream = [t for text in lines for t in tiny_tokenizer(text)["input_ids"]]  # [CLS] ... [SEP] per line
     expected = [stream[i:i + 4] for i in range(0, len(stream) // 4 * 4, 4)]
-    assert blocks["input_ids"] == expected
+    assert blocks.tensor().tolist() == expected and blocks.tensor().dtype == torch.int32
     assert stream[0] == tiny_tokenizer.cls_token_id and tiny_tokenizer.sep_token_id in stream
 
 
@@ -35,32 +34,32 @@ def test_load_blocks_counts_lines_and_reads_tokens_files(tmp_path, tiny_tokenize
     corpus = write_corpus(tmp_path / "tok", suffix=".tokens")
     text = (corpus / "wiki.train.tokens").read_text().replace(" dog ", " <unk> ", 1)
     (corpus / "wiki.train.tokens").write_text(text)
-    split = load_blocks(DataConfig(dataset=str(corpus), block_size=16, cache_dir=str(tmp_path / "c")),
-                        tiny_tokenizer, "train", log=lambda *_: None)
-    raw_lines = text.count("\n")
-    assert split.raw_lines == raw_lines and split.lines == sum(1 for l in text.splitlines() if l.strip())
-    assert split.blocks.shape[1] == 16 and split.blocks.dtype == torch.int32
-    assert (split.blocks == tiny_tokenizer.unk_token_id).any()  # <unk> became [UNK]
+    split = load(DataConfig(dataset=str(corpus), block_size=16, cache_dir=str(tmp_path / "c")), tiny_tokenizer)
+    assert split.records == text.count("\n") and split.documents == sum(1 for l in text.splitlines() if l.strip())
+    assert split.blocks.tensor().shape[1] == 16 and isinstance(split.blocks[0], torch.Tensor)
+    assert (split.blocks.tensor() == tiny_tokenizer.unk_token_id).any()  # <unk> became [UNK]
+    validation = load(DataConfig(dataset=str(corpus), block_size=16, cache_dir=str(tmp_path / "c")), tiny_tokenizer,
+                      "validation")
+    assert validation.records == (corpus / "wiki.valid.tokens").read_text().count("\n")  # the directory's own split
 
 
 def test_missing_and_empty_data_are_clear_errors(tmp_path, tiny_tokenizer):
     cfg = DataConfig(dataset=str(tmp_path / "nowhere"), cache_dir=str(tmp_path / "c"))
-    with pytest.raises(DataError, match="dataset directory not found"):
+    with pytest.raises(DataError, match="data not found: .*nowhere"):
         load_blocks(cfg, tiny_tokenizer, "train")
     (tmp_path / "only_valid").mkdir()
     (tmp_path / "only_valid" / "wiki.valid.raw").write_text("x\n")
-    with pytest.raises(DataError, match=r"no train split in .*only_valid: expected wiki.train.raw/.tokens \(or point "
-                                        r"--data.train_dataset at a directory that has it\)"):
+    with pytest.raises(DataError, match=r"no train split in .*only_valid: .* point --data.train_dataset"):
         load_blocks(DataConfig(dataset=str(tmp_path / "only_valid")), tiny_tokenizer, "train")
     (tmp_path / "blank").mkdir()
     (tmp_path / "blank" / "wiki.train.raw").write_text(" \n\n \n")
-    with pytest.raises(DataError, match="empty after removing blank lines"):
+    with pytest.raises(DataError, match="has no text"):
         load_blocks(DataConfig(dataset=str(tmp_path / "blank"), cache_dir=str(tmp_path / "c")), tiny_tokenizer, "train")
 
 
 def test_hub_dataset_offline_is_a_clear_error(tiny_tokenizer, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(DataError, match="Offline\\? Put wiki.train.raw.*--data.dataset=DIR"):
+    with pytest.raises(DataError, match="Offline\\? Pass local files: --data.dataset=DIR"):
         load_blocks(DataConfig(dataset="no-such-dataset-anywhere"), tiny_tokenizer, "train")
 
 

@@ -56,11 +56,22 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = option("wikitext", "Hub dataset name (with dataset_config), or a local directory with "
-                                      "wiki.{train,valid,test}.{raw,tokens}")
-    dataset_config: str = option("wikitext-2-raw-v1", "Hub dataset configuration")
+    dataset: str = option(
+        "wikitext", "the data: a Hub dataset name (with dataset_config), a directory saved by datasets.save_to_disk, "
+                    "or local files: a file, a directory or a glob of .txt/.md/.raw/.tokens (a document per line), "
+                    ".jsonl/.json, .csv, .parquet (text and JSON also .gz); a directory's train*/valid*/test* files "
+                    "(e.g. wiki.train.raw) give the splits, else all of it is training data")
+    dataset_config: str | None = option("wikitext-2-raw-v1", "Hub dataset configuration")
     train_dataset: str | None = option(None, "another source for the train split only (the raw train split "
                                              "is missing offline); none = dataset")
+    validation_dataset: str | None = option(
+        None, "another source for validation (its validation split, else all of it); none = the dataset's own "
+              "validation split, else data.validation_split of the training documents")
+    validation_split: float = option(
+        0.05, "share of the training documents held out for validation when there is no validation split "
+              "(chosen by document index: the same in every run and process)")
+    text_column: str = option("text", "the text field of JSON/CSV/Parquet/Hub records; if missing, the only "
+                                      "string column")
     tokenizer: str = option("bert-base-uncased", "Hub id or directory of the tokenizer")
     block_size: int = option(128, "tokens per training block (the stream is cut into blocks)")
     mlm_probability: float = option(0.15, "fraction of tokens masked in training; evaluation always masks 15%")
@@ -72,7 +83,10 @@ class DataConfig:
     max_eval_blocks: int | None = option(None, "keep only the first N validation blocks")
     num_workers: int = option(0, "DataLoader worker processes (masks are the same with any number)",
                               safe_on_resume=True)
-    cache_dir: str | None = option(None, "datasets cache; none = HF_DATASETS_CACHE", safe_on_resume=True)
+    num_proc: int | None = option(None, "processes that tokenize a corpus (once; it is cached); none = the CPU "
+                                        "count, at most 8 (1 below 8 MB of text)", safe_on_resume=True)
+    cache_dir: str | None = option(None, "Hub datasets and tokenized corpora (under tokens/); none = HF_DATASETS_CACHE",
+                                   safe_on_resume=True)
 
 
 @dataclass
@@ -195,6 +209,8 @@ class Config:
              f"data.block_size={d.block_size} exceeds model.max_position_embeddings={m.max_position_embeddings}"),
             (0.0 < d.mlm_probability < 1.0, f"data.mlm_probability={d.mlm_probability} must be in (0, 1)"),
             (d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0"),
+            (0.0 <= d.validation_split < 1.0, f"data.validation_split={d.validation_split} must be in [0, 1)"),
+            (d.num_proc is None or d.num_proc >= 1, f"data.num_proc={d.num_proc} must be at least 1"),
             (o.lr > 0, f"optim.lr={o.lr} must be positive"),
             (0.0 <= o.warmup_ratio < 1.0, f"optim.warmup_ratio={o.warmup_ratio} must be in [0, 1)"),
             (o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)"),

@@ -22,7 +22,7 @@ from trainer.checkpoint import (TrainState, best_checkpoint, load_checkpoint, pa
                                 remove_partial_saves, save_checkpoint, set_aside_later_checkpoints)
 from trainer.config import Config, ConfigError
 from trainer.console import ConsoleSink, TrainingConsole, quiet_libraries
-from trainer.data import IndexedBlocks, MLMCollator, eval_dataloader, load_blocks, load_tokenizer
+from trainer.data import DataError, IndexedBlocks, MLMCollator, eval_dataloader, load_blocks, load_tokenizer
 from trainer.evaluate import evaluate_mlm
 from trainer.export import save_model, write_model_card
 from trainer.fillmask import log_samples
@@ -153,6 +153,11 @@ class Trainer:
         with accelerator.local_main_process_first():  # one process per machine tokenizes; the others read its cache
             self.train_blocks = load_blocks(cfg.data, self.tokenizer, "train", log=self.console.print).blocks
             eval_blocks = load_blocks(cfg.data, self.tokenizer, "validation", log=self.console.print).blocks
+        needed = cfg.train.batch_size * accelerator.num_processes
+        if len(self.train_blocks) < needed:  # the loader drops a partial last batch: 0 steps would "finish"
+            raise DataError(f"the train split has {len(self.train_blocks):,} blocks of {cfg.data.block_size} tokens; "
+                            f"one step needs train.batch_size={cfg.train.batch_size} x {accelerator.num_processes} "
+                            f"process(es) = {needed} blocks: add text, or lower --train.batch_size or --data.block_size")
         self.collator = MLMCollator(self.tokenizer, cfg.data.mlm_probability, seed=cfg.train.seed,
                                     fixed_count=cfg.data.mask_count == "fixed")
         loader_args = dict(num_workers=cfg.data.num_workers, pin_memory=cuda_in_use())
