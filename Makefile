@@ -8,7 +8,6 @@
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
-ACCELERATE := $(VENV)/bin/accelerate
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 # torch: on a machine with an NVIDIA GPU, the CUDA build (PyPI's Linux wheel); elsewhere the pinned
 # version, a CPU build on this project's machines (other CPU machines: TORCH_INDEX=https://download.pytorch.org/whl/cpu).
@@ -24,7 +23,9 @@ RUNS ?= $(shell ls -dt runs/*/ 2>/dev/null | grep -v -e runs/wandb/ -e runs/trac
 MODELS ?= $(addsuffix model,$(RUNS))
 
 # Multi-process configs leave the process count to the launcher; CPU multi-process runs say so explicitly.
-LAUNCH = $(if $(findstring cpu_,$(ACCEL_CONFIG)),ACCELERATE_USE_CPU=1) $(ACCELERATE) launch --config_file $(ACCEL_CONFIG) \
+# trainer.launch is `accelerate launch` keeping the trainer's exit status and stop signals (README); `exec`
+# makes it make's own child, to which make passes a SIGTERM on.
+LAUNCH = exec env $(if $(findstring cpu_,$(ACCEL_CONFIG)),ACCELERATE_USE_CPU=1) $(PY) -m trainer.launch --config_file $(ACCEL_CONFIG) \
 	$(if $(filter %cpu.yaml %single_gpu.yaml %cpu_2proc.yaml,$(ACCEL_CONFIG)),,--num_processes $(NUM_PROCESSES)) trainer/run.py
 OFFLINE = $$($(PY) -m trainer.hub $(1))
 

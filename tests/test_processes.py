@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -204,10 +205,16 @@ def test_two_processes_stop_together_on_a_signal_to_one_rank_or_to_the_launcher(
     launcher = launch_two(recipe)
     lines_until(launcher, "step 6 ")
     os.kill(worker_pids(launcher.pid)[1], signal.SIGTERM)  # rank 1 only; rank 0 learns it at a log step
-    first = stopped_together(launcher.communicate(timeout=120)[0], "signal on another process")
+    output = launcher.communicate(timeout=120)[0]
+    first = stopped_together(output, "signal on another process")
 
-    launcher = launch_two(recipe, f"--resume={run_dir}")  # torchrun forwards the launcher's SIGTERM to both
-    lines_until(launcher, f"step {first + 4} ")
+    # The printed resume command is the launch as typed (read from the launcher's command line and environment)
+    resume = re.search(r"Resume with: (.*)", output).group(1).strip()
+    typed = " ".join(launcher.args[:-1]).replace(str(Path(sys.executable).parent / "accelerate"), "accelerate")
+    assert resume == f"ACCELERATE_USE_CPU=1 {typed} --resume={run_dir}"
+    launcher = subprocess.Popen(["bash", "-c", resume], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env={**subprocess_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    lines_until(launcher, f"step {first + 4} ")  # torchrun forwards the launcher's SIGTERM to both
     launcher.send_signal(signal.SIGTERM)
     assert stopped_together(launcher.communicate(timeout=120)[0], "SIGTERM") > first
 
@@ -253,4 +260,32 @@ def test_deepspeed_zero2_trains_like_one_process_and_the_recipe_decides_accumula
         diffs = [abs(x[key] - y[key]) for x, y in zip(a, b) if key in x]
         assert diffs and max(diffs) < 1e-5, key
     pa, pb = (load_file(str(root / name / "model" / "model.safetensors")) for name in ("plain", "ds"))
+    assert max((pa[k] - pb[k]).abs().max().item() for k in pa) < 1e-5
+
+
+@needs_deepspeed
+def test_deepspeed_zero2_two_processes_train_like_one_process_with_twice_the_batch(make_config, tmp_path):
+    """2 ranks x batch 4 under DeepSpeed ZeRO-2 on the CPU (gloo) == 1 process x batch 8."""
+    steps = {"max_steps": 6, "eval_every": 3}
+    one = make_config(train={"batch_size": 8, **steps}, log={"run_name": "one"})
+    train(one)
+    two = make_config(train={"batch_size": 4, **steps}, log={"run_name": "ds2"})
+    command = [sys.executable, "-m", "trainer.launch", "--config_file", str(REPO / "accelerate_configs" / "deepspeed_zero2.yaml"),
+               "--num_processes", "2", "--main_process_port", str(free_port()), str(REPO / "trainer" / "run.py"),
+               str(write_recipe(tmp_path / "recipe.py", two))]
+    result = subprocess.run(command, cwd=REPO, env={**subprocess_env(), "TRAINER_ALLOW_CPU": "1"}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "processes 2 (DEEPSPEED)" in result.stdout  # one process group of 2, not two runs of 1
+    root = Path(one.log.output_root)
+    assert {p.name for p in (root / "ds2" / "checkpoints" / "step-000006" / "pytorch_model").glob("*optim_states.pt")} == {
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}  # ZeRO: one shard per rank
+
+    a, b = (read_jsonl(root / name / "metrics.jsonl") for name in ("one", "ds2"))
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for key in ("train/loss", "train/grad_norm", "eval/loss"):
+        diffs = [abs(x[key] - y[key]) for x, y in zip(a, b) if key in x]
+        assert diffs and max(diffs) < 1e-5, (key, diffs)
+    assert len({r["eval/masked_tokens"] for r in a + b if "eval/masked_tokens" in r}) == 1
+    pa, pb = (load_file(str(root / name / "model" / "model.safetensors")) for name in ("one", "ds2"))
     assert max((pa[k] - pb[k]).abs().max().item() for k in pa) < 1e-5

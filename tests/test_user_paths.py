@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, write_recipe
 from trainer.rundir import list_checkpoints, read_jsonl
 from trainer.checkpoint import read_state
 
@@ -126,3 +126,40 @@ def test_tracker_none_never_imports_wandb(user_env, make_config, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
     assert "torch" in imported and not [m for m in imported if m.split(".")[0] == "wandb"]
+
+
+@needs_shared
+def test_make_keeps_the_trainer_status_and_line_and_passes_sigterm_on(user_env, make_config, tmp_path):
+    """Through make: bad input prints the trainer's one line (make's own line reports its status), SIGTERM to
+    make reaches the launcher (make's child), which has the trainer checkpoint; the printed command, run as
+    printed, finishes the run."""
+    out = tmp_path / "runs"
+    cfg = make_config(train={"epochs": 100, "max_steps": 300, "log_every": 1}, log={"output_root": str(out), "run_name": "made"})
+    recipe = write_recipe(tmp_path / "tiny.py", cfg)  # the tiny model on the offline WikiText-2 (make adds its paths)
+    args = "--data.max_train_blocks=256 --data.max_eval_blocks=8"
+    bad = subprocess.run(["make", "train", f"RECIPE={recipe}", f"ARGS={args} --optim.lr=abc"], cwd=REPO, env=user_env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stdout + bad.stderr, bad.stderr[-3000:]
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: bad value for optim.lr: 'abc' is not a number"]
+    assert re.search(r"make(\[\d+\])?: \*\*\* \[Makefile:\d+: train\] Error 2", bad.stderr)  # make[1] under make test
+
+    make = subprocess.Popen(["make", "train", f"RECIPE={recipe}", f"ARGS={args}"], cwd=REPO, env=user_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = out / "made"
+    deadline = time.time() + 300
+    while len([r for r in read_jsonl(run / "metrics.jsonl") if "train/loss" in r]) < 3:
+        assert make.poll() is None and time.time() < deadline, "the run did not start"
+        time.sleep(0.2)
+    make.send_signal(signal.SIGTERM)
+    output = make.communicate(timeout=120)[0]
+    assert make.returncode == -signal.SIGTERM and "Traceback" not in output, output[-3000:]  # make re-raises it
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["exit_code"] == 143
+    assert read_state(list_checkpoints(run)[-1]).step == summary["steps"] < 300
+
+    resume = re.search(r"Resume with: (.*)", output).group(1).strip()
+    assert resume == f".venv/bin/python -m trainer.launch --config_file accelerate_configs/cpu.yaml trainer/run.py --resume={run}"
+    shell(resume, user_env)  # as printed, from the checkout
+    steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "train/loss" in r]
+    assert steps == list(range(1, 301)) and json.loads((run / "summary.json").read_text())["status"] == "finished"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import itertools
 import math
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +29,10 @@ from trainer.export import save_model, write_model_card
 from trainer.fillmask import log_samples
 from trainer.metrics import IntervalMeter, model_flops_per_token, peak_flops, perplexity
 from trainer.model import build_model, check_attention_fits, check_block_size, count_parameters, training_model
-from trainer.rundir import (CONFIG_FILE, MODEL_DIR, SUMMARY_FILE, check_resume_config, create_run_dir, find_checkpoint,
-                            read_json, remove_if_empty, run_dir_of, write_json_atomic)
+from trainer.rundir import (CONFIG_FILE, MODEL_DIR, SUMMARY_FILE, RunLock, check_resume_config, create_run_dir,
+                            find_checkpoint, read_json, remove_if_empty, run_dir_of, write_json_atomic)
 from trainer.runtime import (StopRequest, check_device_matches_launch, check_plugins_match_recipe, cuda_in_use,
-                             enable_tf32, force_cpu, resolve_mixed_precision)
+                             enable_tf32, force_cpu, launch_command, process_group_backend, resolve_mixed_precision)
 from trainer.step import TrainStep, build_optimizer, build_scheduler
 from trainer.tracking import JsonlSink, MetricLogger, check_trackers_installed, open_trackers
 
@@ -72,7 +73,7 @@ class Trainer:
         self.state = TrainState()
         self.started = time.time()
         self.stop = StopRequest()
-        self.accelerator = self.logger = self.run_dir = self.console = None
+        self.accelerator = self.logger = self.run_dir = self.console = self.run_lock = None
         self.elapsed_before = 0.0  # wall time of the sessions before a resume
         self.epoch_ended, self.skipped, self.longest_skip_run = False, 0, 0
         self.train_metrics: dict = {}
@@ -96,7 +97,8 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
 
-        cfg, state = self.cfg, PartialState(cpu=force_cpu())
+        cfg, state = self.cfg, PartialState(cpu=force_cpu(), backend=process_group_backend())
+        launch_command()  # read now, while the launcher that started this process is there to be read
         if self.resume_from is not None:
             check_resume_config(cfg, run_dir_of(self.resume_from))
         shared = [None]  # the main process picks the run directory and shares it (or its error)
@@ -132,12 +134,14 @@ class Trainer:
         the latest session's config, so the printed resume command continues what this session runs."""
         if self.resume_from is not None:
             run_dir, saved = run_dir_of(self.resume_from), read_state(self.resume_from)
-            if saved.processes != PartialState().num_processes:  # refused before the run is touched
+            self.run_lock = RunLock(run_dir)  # a live run is refused before it is touched
+            if saved.processes != PartialState().num_processes:
                 raise ConfigError(f"run {run_dir} was trained with {saved.processes} process(es), this launch has "
                                   f"{PartialState().num_processes}: resume with --num_processes {saved.processes}")
             remove_partial_saves(run_dir)
         else:
             run_dir = create_run_dir(Path(self.cfg.log.output_root), self.cfg.log.run_name, self.cfg.name)
+            self.run_lock = RunLock(run_dir)
         config = {"run_id": run_dir.name, "recipe": self.recipe, "command": self.command, **self.cfg.to_dict()}
         try:
             write_json_atomic(run_dir / CONFIG_FILE, config)
@@ -385,6 +389,13 @@ class Trainer:
     def close(self) -> None:
         """Release everything, also after an error; a run that failed before producing anything leaves no directory."""
         self.stop.restore()
+        try:
+            self.release_all()
+        finally:
+            if self.run_lock is not None:  # last: the run is another process's to resume from here on
+                self.run_lock.release()
+
+    def release_all(self) -> None:
         if self.accelerator is None:
             if self.run_dir is not None and self.resume_from is None and PartialState().is_main_process:
                 remove_if_empty(self.run_dir)
@@ -422,5 +433,5 @@ class Trainer:
         return self.state.epoch + self.state.batches_in_epoch / max(len(self.train_loader), 1)
 
     def resume_command(self) -> str:
-        launcher = "accelerate launch" + (" --config_file YOUR_CONFIG.yaml" if self.accelerator.num_processes > 1 else "")
-        return f"{launcher} trainer/run.py --resume={self.run_dir}"
+        """The launch this run was started with (as typed: same launcher, options and variables), resuming it."""
+        return f"{launch_command()} --resume={shlex.quote(str(self.run_dir))}"

@@ -6,7 +6,9 @@ Also runs as `python trainer/run.py ...` or `python -m trainer.run ...` (one pro
 128 + signal number when a signal stopped it (143 SIGTERM or the launcher exiting, 130 SIGINT).
 """
 
+import os
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -37,12 +39,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{USAGE}\n\n{help_text()}")
         return 0
     except TrainingStopped as e:
-        print(f"error: {e}", file=sys.stderr)
+        report(e)
         return 3
     except (ConfigError, DataError, ModelError, CheckpointError, TrackerError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        report(e)
         return 2
     return summary["exit_code"]
+
+
+OTHER_PROCESS_REPORT_DELAY_S = 5.0
+
+
+def report(error: Exception) -> None:
+    """One line on stderr. The processes of one launch mostly meet the same error (same command line, config
+    and files), so a machine's first process prints it; the others first give the launcher time to stop them
+    (torchrun stops the rest once one has exited) and print theirs only if it did not: an error of their own."""
+    if int(os.environ.get("LOCAL_RANK", "0")) > 0:
+        time.sleep(OTHER_PROCESS_REPORT_DELAY_S)
+    print(f"error: {error}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,17 @@
     runs/<run>/checkpoints/.tmp-*     a save in progress (a crash's leftover, removed on resume)
     runs/<run>/model/                 save_pretrained model + tokenizer + README.md model card
     runs/<run>/samples_fill_mask.json
+    runs/<run>/.lock                  held (flock) by the process training the run: one live run per directory
     runs/wandb/offline-run-*          W&B's files of every run, side by side (`wandb leet runs/wandb`)
 """
 
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -24,6 +27,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 STATE_FILE = "trainer_state.json"
+LOCK_FILE = ".lock"
 CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"
 
@@ -97,16 +101,45 @@ def create_run_dir(output_root: Path, name: str | None, recipe_name: str) -> Pat
 
 
 def remove_if_empty(run_dir: Path) -> None:
-    """A run that failed before producing anything (a config and an empty metrics file at most) leaves
-    no directory behind."""
+    """A run that failed before producing anything (a config, an empty metrics file and its lock at most)
+    leaves no directory behind."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return
     made = list(run_dir.iterdir())
-    if all(p.name == CONFIG_FILE or (p.name == METRICS_FILE and p.stat().st_size == 0) for p in made):
+    if all(p.name in (CONFIG_FILE, LOCK_FILE) or (p.name == METRICS_FILE and p.stat().st_size == 0) for p in made):
         for path in made:
             path.unlink()
         run_dir.rmdir()
+
+
+class RunLock:
+    """One live run per run directory: the main process holds an exclusive flock on `<run>/.lock` for the
+    run's whole life. The kernel releases it when the process ends in any way (kill -9 too), so a crashed
+    run never leaves a stale lock; a second launch or resume of a live run is refused before it touches
+    anything. The file names its holder, for the refusal."""
+
+    def __init__(self, run_dir: Path):
+        path = Path(run_dir) / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(f"cannot write to run directory {run_dir} ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(f"run {run_dir} is live: {holder} is training it (it holds {path}); wait for it "
+                              f"to finish, or stop it (SIGTERM checkpoints it), then resume") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+        self.fd: int | None = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 # --------------------------------------------------------------------------- finding a run to resume

@@ -4,7 +4,9 @@ signals (SIGTERM, SIGINT, SIGUSR1, and the launcher exiting)."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -41,12 +43,20 @@ def force_cpu() -> bool:
     return not cuda_in_use() and not env_flag("ACCELERATE_USE_DEEPSPEED")
 
 
+def process_group_backend() -> str | None:
+    """Accelerate picks no backend for DeepSpeed without CUDA, so it counts one process while DeepSpeed
+    joins all ranks with gloo (its CPU accelerator's fallback): DeepSpeed's batch check then fails
+    (`4 != 4 * 1 * 2`). Naming gloo makes Accelerate see the same process group. None: Accelerate's choice."""
+    return "gloo" if env_flag("ACCELERATE_USE_DEEPSPEED") and not cuda_in_use() else None
+
+
 def check_device_matches_launch() -> None:
     """A launch that asks for GPUs (a GPU accelerate config, several processes, FSDP, DeepSpeed) on a
     machine where CUDA is not usable stops here, instead of training silently on the CPU.
-    TRAINER_ALLOW_CPU=1 lets it go on (to try a DeepSpeed or FSDP config on a CPU machine)."""
+    TRAINER_ALLOW_CPU=1 lets a DeepSpeed config go on (DeepSpeed runs on the CPU); FSDP is refused."""
     import torch
 
+    check_fsdp_available()
     if cuda_in_use() or env_flag("ACCELERATE_USE_CPU") or env_flag("TRAINER_ALLOW_CPU"):
         return
     launched_by_accelerate = "ACCELERATE_USE_CPU" in os.environ or "LOCAL_RANK" in os.environ
@@ -54,7 +64,6 @@ def check_device_matches_launch() -> None:
         (f"gpu_ids {os.environ.get('CUDA_VISIBLE_DEVICES')}", launched_by_accelerate
          and bool(os.environ.get("CUDA_VISIBLE_DEVICES"))),
         (f"{os.environ.get('WORLD_SIZE')} processes", int(os.environ.get("WORLD_SIZE", "1")) > 1),
-        ("FSDP", env_flag("ACCELERATE_USE_FSDP")),
         ("DeepSpeed", env_flag("ACCELERATE_USE_DEEPSPEED")),
     ) if yes]
     if asked:
@@ -64,18 +73,33 @@ def check_device_matches_launch() -> None:
                           f"processes set ACCELERATE_USE_CPU=1 (accelerate_configs/cpu_2proc.yaml)")
 
 
+def check_fsdp_available() -> None:
+    """Accelerate (1.15) selects FSDP on GPUs only: without CUDA its state falls back to MULTI_CPU, so an
+    FSDP config (or --use_fsdp) would train plain DDP with every parameter whole on each process."""
+    if env_flag("ACCELERATE_USE_FSDP") and not cuda_in_use():
+        import accelerate
+
+        raise ConfigError(f"the launch asks for FSDP, which Accelerate {accelerate.__version__} runs on GPUs only: "
+                          f"on this machine's CPU it would train plain DDP (MULTI_CPU, whole parameters on every "
+                          f"process); for several CPU processes use ACCELERATE_USE_CPU=1 with "
+                          f"accelerate_configs/cpu_2proc.yaml (DDP), or TRAINER_ALLOW_CPU=1 with "
+                          f"accelerate_configs/deepspeed_zero2.yaml (sharded optimizer state)")
+
+
 def check_plugins_match_recipe(accelerator, cfg) -> None:
     """The recipe decides accumulation and clipping: a DeepSpeed config that leaves them out (or "auto")
     gets the recipe's values; one that sets others is refused, since the loop groups and scales
     micro-batches by the recipe. Muon needs whole matrices, so not FSDP's or ZeRO's shards."""
     from accelerate.utils import DistributedType
 
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    sharded = (accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+               or env_flag("ACCELERATE_USE_FSDP") or env_flag("ACCELERATE_USE_DEEPSPEED"))  # however it was asked for
     if cfg.train.compile and (sharded or accelerator.mixed_precision == "fp16"):
         raise ConfigError(f"train.compile compiles the step for one device or DDP in bf16/fp32, not with "
                           f"{accelerator.distributed_type.value}/{accelerator.mixed_precision}: drop --train.compile")
     if cfg.optim.name == "muon" and sharded:
-        raise ConfigError(f"optim.name=muon needs whole weight matrices; {accelerator.distributed_type.value} "
+        kind = "FSDP" if env_flag("ACCELERATE_USE_FSDP") else accelerator.distributed_type.value
+        raise ConfigError(f"optim.name=muon needs whole weight matrices; {kind} "
                           f"shards them: use DDP (accelerate_configs/multi_gpu.yaml) or --optim.name=adamw")
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return
@@ -123,6 +147,43 @@ def enable_tf32() -> None:
     if cuda_in_use():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+# --------------------------------------------------------------------------- how the run was launched
+
+LAUNCH_ENV = "TRAINER_LAUNCH_COMMAND"  # set by `python -m trainer.launch`: its command as typed, up to the script
+LAUNCH_VARIABLES = ("ACCELERATE_USE_CPU", "TRAINER_ALLOW_CPU")  # set by the user, they change what a launch runs
+LAUNCHER_SCRIPTS = ("accelerate", "torchrun", "deepspeed")
+
+
+def shell_command(argv: list[str], environ: dict) -> str:
+    """`argv` as a shell line, after the launch variables set in `environ`."""
+    return " ".join([*(f"{k}={shlex.quote(environ[k])}" for k in LAUNCH_VARIABLES if k in environ), shlex.join(argv)])
+
+
+@functools.cache
+def launch_command() -> str:
+    """This run's launch as the user typed it, up to and including the training script, for the resume
+    command: `python -m trainer.launch` says it; `accelerate launch` (or torchrun) is this process's parent,
+    whose command line ends with this process's arguments. Read at start, while the launcher is alive."""
+    if os.environ.get(LAUNCH_ENV):
+        return os.environ[LAUNCH_ENV]
+    own = sys.argv
+    if Path(own[0]).resolve() != Path(__file__).with_name("run.py").resolve():
+        return "accelerate launch trainer/run.py"  # trained in-process (a test, a notebook)
+    try:
+        proc = Path(f"/proc/{os.getppid()}")
+        parent = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+        parent_env = dict(e.split("=", 1) for e in (proc / "environ").read_bytes().decode(errors="replace").split("\0")
+                          if "=" in e)
+    except OSError:
+        parent, parent_env = [], {}
+    if len(parent) > len(own) and parent[-len(own):] == own:
+        launcher = parent[:len(parent) - len(own) + 1]
+        if len(launcher) > 1 and Path(launcher[1]).name in LAUNCHER_SCRIPTS:  # `python .venv/bin/accelerate ...`
+            launcher = [Path(launcher[1]).name, *launcher[2:]]
+        return shell_command(launcher, parent_env)
+    return shell_command(sys.orig_argv[:len(sys.orig_argv) - len(own) + 1], dict(os.environ))  # python trainer/run.py
 
 
 # --------------------------------------------------------------------------- stop signals
