@@ -56,7 +56,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(make_config, tmp_path, sig):
 
     cfg.train.max_steps = state.step + 2
     summary = train(cfg, resume=str(run_dir))
-    assert summary["steps"] == state.step + 2
+    assert summary["step"] == state.step + 2
     assert train_steps(run_dir) == list(range(1, state.step + 3))
 
 
@@ -73,7 +73,7 @@ def test_kill_9_loses_at_most_the_steps_since_the_last_checkpoint(make_config, t
 
     cfg.train.max_steps = last + 2
     summary = train(cfg, resume=str(run_dir))
-    assert summary["steps"] == last + 2
+    assert summary["step"] == last + 2
 
 
 def free_port() -> int:
@@ -197,9 +197,9 @@ def test_two_processes_stop_together_on_a_signal_to_one_rank_or_to_the_launcher(
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["status"] == "interrupted" and f"{who}: stopped at step" in output, output[-3000:]
         checkpoint = list_checkpoints(run_dir)[-1]
-        assert read_state(checkpoint).step == summary["steps"] and summary["steps"] % 2 == 0  # a logging step
+        assert read_state(checkpoint).step == summary["step"] and summary["step"] % 2 == 0  # a logging step
         assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
-        return summary["steps"]
+        return summary["step"]
 
     launcher = launch_two(recipe)
     lines_until(launcher, "step 6 ")

@@ -36,7 +36,7 @@ def test_finetune_from_a_saved_checkpoint_lowers_eval_loss(trained_run, make_con
     cfg = make_config(model={"pretrained": str(trained_run / "model")}, optim={"lr": 1e-3},
                       train={"epochs": 2}, log={"run_name": "ft"})
     summary = train(cfg)
-    assert summary["final/eval_loss"] < before - 0.05
+    assert summary["eval/loss"] < before - 0.05
 
 
 def test_evaluate_command_matches_a_hand_computation(trained_run, tiny_corpus_dir, capsys):
@@ -211,7 +211,7 @@ def test_plain_loop_baseline_learns_and_reads_like_a_run(make_config, tmp_path, 
     losses = run.series("eval/loss", "step")[1]
     assert run.config["loop"] == "plain-hf" and len(losses) >= 3
     assert losses[-1] < losses[0] - 0.5  # it trains: the tiny corpus is very learnable
-    assert run.summary["final/eval_loss"] == pytest.approx(losses[-1])
+    assert run.summary["eval/loss"] == pytest.approx(losses[-1])
 
 
 def test_bench_times_both_steps_and_checks_they_agree(tiny_tokenizer_dir, monkeypatch):

@@ -48,7 +48,7 @@ def test_three_trackers_at_once_get_the_same_records(make_config, tmp_path):
     inspect = subprocess.run([str(BIN / "wandb"), "leet", "inspect", "--summary", str(wandb_run)],
                              capture_output=True, text=True, timeout=60).stdout
     shown = dict(line.split(None, 1) for line in inspect.splitlines() if line.startswith("  ") and len(line.split()) > 1)
-    assert float(shown["final/eval_loss"]) == pytest.approx(summary["final/eval_loss"], rel=1e-12)
+    assert float(shown["eval/loss"]) == pytest.approx(summary["eval/loss"], rel=1e-12)
     assert float(shown["train/loss"]) == pytest.approx(values(records, "train/loss")[-1][1], rel=1e-12)
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
