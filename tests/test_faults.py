@@ -223,6 +223,11 @@ def test_bad_inputs_are_one_line_errors(make_config, tmp_path, tiny_corpus_dir, 
         ([f"--resume={string_step}", "--train.max_steps=4"], "trainer_state.json ValueError: step='200' is not an integer"),
         ([f"--resume={two_procs}", "--train.max_steps=4"], "was trained with 2 process(es), this launch has 1: resume "
                                                           "with --num_processes 2"),
+        ([f"--from={tmp_path / 'nothing'}"], f"--from={tmp_path / 'nothing'}: not a checkpoint, nor a run directory with "
+                                             f"config.json"),
+        ([recipe, f"--from={good}"], "--from starts a new run with the config stored in that run: give it without a "
+                                     "recipe and without --resume"),
+        ([f"--from={good}/checkpoints/step-000002", "--model.hidden_size=64"], "its weights do not fit this model"),
     ]
     for argv, expected in cases:
         code, _, err = run_main(argv, capsys)
