@@ -97,7 +97,7 @@ def test_two_processes_train_exactly_like_one(make_config, tmp_path, capsys, opt
                str(REPO / "trainer" / "run.py"), str(write_recipe(tmp_path / "recipe.py", two))]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "processes 2" in result.stdout
+    assert "2 processes (DDP), CPU, fp32" in result.stdout
 
     root = Path(one.log.output_root)
     runs = {name: read_jsonl(root / name / "metrics.jsonl") for name in ("one", "accum", "two")}
@@ -243,7 +243,7 @@ def test_deepspeed_zero2_trains_like_one_process_and_the_recipe_decides_accumula
     recipe = write_recipe(tmp_path / "recipe.py", ds)
     result = launch(REPO / "accelerate_configs" / "deepspeed_zero2.yaml")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "processes 1 (DEEPSPEED)" in result.stdout  # the engine really ran (ZeRO checkpoints below)
+    assert "1 process (DeepSpeed), CPU" in result.stdout  # the engine really ran (ZeRO checkpoints below)
     assert (Path(ds.log.output_root) / "ds" / "checkpoints" / "step-000006" / "pytorch_model").is_dir()
 
     root = Path(plain.log.output_root)

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from trainer.checkpoint import CheckpointError, any_process_failed
+from trainer.rundir import read_json
 
 SMALL_FILES_BYTES = 16 * 2**10  # config.json, tokenizer_config.json and the model card
 
@@ -24,7 +25,9 @@ def model_bytes(state_dict: dict, tokenizer) -> int:
     """What `save_model` writes: each stored tensor once (tied weights share one), the tokenizer's JSON,
     the small files. Measured before saving: `save_pretrained` empties the state dict it is handed."""
     tensors = {t.data_ptr(): t.numel() * t.element_size() for t in state_dict.values()}
-    return sum(tensors.values()) + len(tokenizer.backend_tokenizer.to_str(pretty=True).encode()) + SMALL_FILES_BYTES
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # tokenizer.json; a tokenizer without one: 1 MiB
+    tokenizer_bytes = len(backend.to_str(pretty=True).encode()) if backend is not None else 2**20
+    return sum(tensors.values()) + tokenizer_bytes + SMALL_FILES_BYTES
 
 
 def size_text(n: float) -> str:
@@ -80,7 +83,6 @@ def write_model_card(model_dir: Path, cfg, summary: dict, model_config, samples:
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     from trainer.console import SUMMARY_ROWS, fmt
-    from trainer.rundir import read_json
 
     data = cfg.data
     dataset = Path(data.dataset).name  # "wikitext", or the local copy's directory name
