@@ -99,6 +99,25 @@ def assert_estimate_fits(error: str, model_dir: Path) -> None:
     assert written <= needed_bytes(error) <= written + 32 * 1024, (error, written)
 
 
+def test_the_space_estimate_is_what_a_save_writes(tmp_path):
+    """At the scratch recipe's size (BERT's vocabulary: the tied 30,522 x 256 embedding is most of the
+    bytes, stored once), counted before saving, against the files a save then writes."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from conftest import write_tokenizer
+    from trainer.data import load_tokenizer
+    from trainer.export import model_bytes, write_model_dir
+
+    tokenizer = load_tokenizer(str(write_tokenizer(tmp_path / "tokenizer", extra_words=30522 - 34)))
+    model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=256, num_hidden_layers=3,
+                                       num_attention_heads=4, intermediate_size=1024))
+    state_dict = model.state_dict()
+    needed = model_bytes(state_dict, tokenizer)
+    write_model_dir(model, state_dict, tokenizer, tmp_path / "model", max_length=128)
+    written = sum(p.stat().st_size for p in (tmp_path / "model").iterdir())
+    assert written <= needed <= written * 1.01, (needed, written)
+
+
 def test_a_disk_full_from_the_first_save_prints_a_command_that_works(make_config, small_filesystem, tmp_path, capsys):
     """No checkpoint ever fits, then neither does the model: the steps are lost, and the command printed
     (a resume needs a checkpoint: a new run with the run's config) works once space is freed."""

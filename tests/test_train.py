@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -398,9 +399,13 @@ def test_a_diverged_run_names_the_best_checkpoint_and_never_saves_a_broken_model
         in result.stdout
     card = (new_run / "model" / "README.md").read_text()
     assert f"from the weights of the checkpoint `{checkpoint.resolve()}`" in card and "AdamW (peak lr 0.0003," in card
-    started, _ = build_model(ModelConfig(**{**config["model"]}), 34)  # what the new run started from
+    started, _ = build_model(ModelConfig(**config["model"]), 34)  # what the new run started from
     saved = load_file(str(checkpoint / "model.safetensors"))
     assert all(torch.equal(started.state_dict()[k.removeprefix("mlm.")], v) for k, v in saved.items())
+    shutil.rmtree(run_dir)  # the new run stands alone: it resumes from its own checkpoints
+    resumed = subprocess.run(["bash", "-c", f"accelerate launch trainer/run.py --resume={new_run} --train.max_steps=44"],
+                             cwd=REPO, env=user_shell_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
 
     calls["n"] = 0
     monkeypatch.setattr("trainer.loop.parameters_finite", lambda accelerator, model: calls["n"] < 3)  # broken from step 3

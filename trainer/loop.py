@@ -12,7 +12,7 @@ import gc
 import itertools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -165,7 +165,9 @@ class Trainer:
 
     def setup_model(self) -> None:
         cfg, accelerator = self.cfg, self.accelerator
-        hf_model, report = build_model(cfg.model, len(self.tokenizer))
+        # A resume's weights are its checkpoint's: the checkpoint a run started from may be gone by then.
+        model_cfg = cfg.model if self.resume_from is None else replace(cfg.model, init_from=None)
+        hf_model, report = build_model(model_cfg, len(self.tokenizer))
         check_block_size(hf_model, cfg.data.block_size)
         if cfg.model.pretrained:
             check_attention_fits(hf_model.config.num_hidden_layers, hf_model.config.num_attention_heads,
@@ -174,7 +176,7 @@ class Trainer:
         self.console.print(f"model BertForMaskedLM  {self.n_params / 1e6:.2f}M parameters  "
                            f"{hf_model.config.num_hidden_layers} layers, hidden {hf_model.config.hidden_size}"
                            + (f"  from {cfg.model.pretrained}" if cfg.model.pretrained else "  (from scratch)")
-                           + (f", weights of {cfg.model.init_from}" if cfg.model.init_from else ""))
+                           + (f", weights of {model_cfg.init_from}" if model_cfg.init_from else ""))
         if report.new_weights:
             self.console.print(f"newly initialised (not in the checkpoint): {', '.join(report.new_weights)}")
         if report.unused_weights:
