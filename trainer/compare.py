@@ -106,7 +106,7 @@ def summary_rows(runs: list[Run], target_perplexity: float | None) -> list[tuple
         ("best val perplexity", [pick(run, "eval/best_perplexity", best=True) for run in runs]),
         ("final val accuracy", [pick(run, "eval/accuracy") for run in runs]),
         ("train tokens/s", [pick(run, "train/tokens_per_s") for run in runs]),
-        ("wall time (s)", [run.summary.get("time_s") for run in runs]),
+        ("wall time (s)", [pick(run, "time_s") for run in runs]),
     ]
     if target_perplexity is not None:
         reached = [time_to_perplexity(run, target_perplexity) for run in runs]

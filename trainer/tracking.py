@@ -33,7 +33,6 @@ class TrackerError(ValueError):
 
 
 class MetricSink(Protocol):
-    def store_config(self, config: dict) -> None: ...
     def log(self, record: dict) -> None: ...
     def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None: ...
     def summary(self, values: dict) -> None: ...
@@ -215,6 +214,7 @@ class TrackioSink:
         pass
 
 
+# Each also has `store_config(flat_config)`, called once the tracker has started.
 TRACKERS = {sink.name: sink for sink in (WandbSink, TensorBoardSink, TrackioSink)}
 
 
