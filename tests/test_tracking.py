@@ -144,7 +144,8 @@ def test_the_printed_trackio_hint_opens_the_store_these_runs_are_in(make_config,
              "        break\n"
              "    except OSError:\n"
              "        time.sleep(0.5)\n")
-    script = f"ip link set lo up; {command} > dashboard.log 2>&1 & server=$!; python -c \"$QUERY\"; kill $server; cat dashboard.log"
+    log = tmp_path / "dashboard.log"
+    script = f"ip link set lo up; {command} > {log} 2>&1 & server=$!; python -c \"$QUERY\"; kill $server; cat {log}"
     env = {**subprocess_env(), "PATH": f"{BIN}:{subprocess_env()['PATH']}", "QUERY": query}
     env.pop("TRACKIO_DIR", None)
     shown = subprocess.run(["unshare", "--net", "bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
