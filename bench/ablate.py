@@ -77,14 +77,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         summary = json.loads((root / run_name / "summary.json").read_text())
         results[name] = {"overrides": overrides, "recipe": recipe, **{k: summary[k] for k in (
-            "final/eval_loss", "final/eval_perplexity", "final/eval_accuracy", "wall_time_s", "train/tokens_per_s",
-            "tokens_seen")}}
+            "eval/loss", "eval/perplexity", "eval/accuracy", "time_s", "train/tokens_per_s", "tokens")}}
         results_path.write_text(json.dumps(results, indent=1))
-        print(f"   val perplexity {summary['final/eval_perplexity']:.1f}  wall {summary['wall_time_s']:.0f} s  "
+        print(f"   val perplexity {summary['eval/perplexity']:.1f}  wall {summary['time_s']:.0f} s  "
               f"{summary['train/tokens_per_s']:,.0f} tokens/s", flush=True)
     print(f"\n{'variant':40s} {'val ppl':>8s} {'loss':>7s} {'wall s':>7s} {'tok/s':>7s}")
     for name, r in results.items():
-        print(f"{name:40s} {r['final/eval_perplexity']:8.1f} {r['final/eval_loss']:7.3f} {r['wall_time_s']:7.0f} "
+        print(f"{name:40s} {r['eval/perplexity']:8.1f} {r['eval/loss']:7.3f} {r['time_s']:7.0f} "
               f"{r['train/tokens_per_s']:7,.0f}")
     return 0
 

@@ -118,10 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             eval_metrics = run_eval(step)
     tokens = step * cfg.train.batch_size * cfg.data.block_size
     summary = {"loop": "plain-hf", "recipe": cfg.name, "parameters": count_parameters(model),
-               "steps": step, "tokens_seen": tokens, "wall_time_s": time.time() - start,
+               "step": step, "tokens": tokens, "time_s": time.time() - start,
                "train/tokens_per_s": tokens / train_time,
-               "final/eval_loss": eval_metrics.get("eval/loss"), "final/eval_perplexity": eval_metrics.get("eval/perplexity"),
-               "final/eval_accuracy": eval_metrics.get("eval/accuracy")}
+               "eval/loss": eval_metrics.get("eval/loss"), "eval/perplexity": eval_metrics.get("eval/perplexity"),
+               "eval/accuracy": eval_metrics.get("eval/accuracy")}
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     print(f"plain loop: {run_dir}  {json.dumps(summary)}")
     return 0

@@ -3,6 +3,7 @@ the one-line errors (exit 2) that each must give instead of a traceback."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -62,6 +63,7 @@ def test_full_disk_while_saving_keeps_checkpoints_training_and_resume(make_confi
     recipe = write_recipe(tmp_path / "recipe.py", cfg)
     run_dir = small_filesystem / "full"
     assert main([str(recipe)]) == 0  # a checkpoint at step 2 and a model
+    first_model = (run_dir / "model" / "model.safetensors").read_bytes()
     ballast = fill(small_filesystem, leave_bytes=24 * 1024)  # room for log lines, not for a checkpoint
 
     code, out, err = run_main([recipe, f"--resume={run_dir}", "--train.max_steps=6", "--train.save_every=2"], capsys)
@@ -70,16 +72,111 @@ def test_full_disk_while_saving_keeps_checkpoints_training_and_resume(make_confi
     assert [w.split("NOT saved")[0] for w in warnings] == ["warning: checkpoint at step 4 ", "warning: checkpoint at step 6 "]
     assert all("No space left on device" in w for w in warnings)  # training went on past the failed save
     error = one_line_error(err)
-    assert f"cannot save the model to {run_dir}/model" in error and "MiB are free there" in error
-    assert f"accelerate launch trainer/run.py --resume={run_dir}" in error
+    assert f"cannot save the model to {run_dir}/model (" in error and "No space left on device" in error
+    assert "(the model saved before is kept): it needs ~" in error
+    assert f"the checkpoints are intact: free some space, then accelerate launch trainer/run.py --resume={run_dir}" in error
     assert [read_state(p).step for p in list_checkpoints(run_dir)] == [2]  # the good checkpoint is intact
-    assert not list((run_dir / "checkpoints").glob(".tmp-*")) and not (run_dir / "model").exists()
+    assert not list((run_dir / "checkpoints").glob(".tmp-*")) and not list(small_filesystem.glob("full/.tmp-*"))
+    assert (run_dir / "model" / "model.safetensors").read_bytes() == first_model  # the failed save kept the earlier model
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r][:2] == [1, 2]
 
     ballast.unlink()  # free the space, then resume as the error says
     assert main([f"--resume={run_dir}"]) == 0
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r] == list(range(1, 7))
-    assert (run_dir / "model" / "model.safetensors").is_file()
+    assert (run_dir / "model" / "model.safetensors").read_bytes() != first_model
+    assert_estimate_fits(error, run_dir / "model")
+
+
+def needed_bytes(error: str) -> float:
+    """The space the error line says the model needs ("~88 KiB", "~41.7 MiB")."""
+    number, unit = re.search(r"it needs ~([\d.]+) (KiB|MiB)", error).groups()
+    return float(number) * {"KiB": 2**10, "MiB": 2**20}[unit]
+
+
+def assert_estimate_fits(error: str, model_dir: Path) -> None:
+    """The estimate counts what a save really writes: never less, and not much more."""
+    written = sum(p.stat().st_size for p in model_dir.iterdir())
+    assert written <= needed_bytes(error) <= written + 32 * 1024, (error, written)
+
+
+def test_the_space_estimate_is_what_a_save_writes(tmp_path):
+    """At the scratch recipe's size (BERT's vocabulary: the tied 30,522 x 256 embedding is most of the
+    bytes, stored once), counted before saving, against the files a save then writes."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from conftest import write_tokenizer
+    from trainer.data import load_tokenizer
+    from trainer.export import model_bytes, write_model_dir
+
+    tokenizer = load_tokenizer(str(write_tokenizer(tmp_path / "tokenizer", extra_words=30522 - 34)))
+    model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=256, num_hidden_layers=3,
+                                       num_attention_heads=4, intermediate_size=1024))
+    state_dict = model.state_dict()
+    needed = model_bytes(state_dict, tokenizer)
+    write_model_dir(model, state_dict, tokenizer, tmp_path / "model", max_length=128)
+    written = sum(p.stat().st_size for p in (tmp_path / "model").iterdir())
+    assert written <= needed <= written * 1.01, (needed, written)
+
+
+def test_a_disk_full_from_the_first_save_prints_a_command_that_works(make_config, small_filesystem, tmp_path, capsys):
+    """No checkpoint ever fits, then neither does the model: the steps are lost, and the command printed
+    (a resume needs a checkpoint: a new run with the run's config) works once space is freed."""
+    cfg = make_config(train={"max_steps": 6, "save_every": 2}, log={"output_root": str(small_filesystem), "run_name": "nofit"})
+    recipe = write_recipe(tmp_path / "recipe.py", cfg)
+    ballast = fill(small_filesystem, leave_bytes=48 * 1024)
+    code, out, err = run_main([recipe], capsys)
+    run_dir = small_filesystem / "nofit"
+    error = one_line_error(err)
+    assert code == 2 and not list_checkpoints(run_dir) and "intact" not in error
+    assert f"cannot save the model to {run_dir}/model (" in error and "No space left on device" in error
+    assert "no checkpoint was saved either, so the 6 steps are lost: free some space" in error
+    command = error.split("start again with the run's config: ")[1]
+    assert command == f"accelerate launch trainer/run.py --from={run_dir}"
+
+    ballast.unlink()
+    result = subprocess.run(["bash", "-c", command], cwd=REPO, env=user_shell_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    (new_run,) = [p for p in small_filesystem.iterdir() if p.name not in ("nofit", "lost+found")]
+    assert json.loads((new_run / "summary.json").read_text())["step"] == 6
+    old_config, new_config = (json.loads((d / "config.json").read_text()) for d in (run_dir, new_run))
+    assert new_config["command"] == ["trainer/run.py", f"--from={run_dir}"]
+    assert {k: v for k, v in new_config.items() if k not in ("run_id", "command", "log")} == \
+        {k: v for k, v in old_config.items() if k not in ("run_id", "command", "log")}
+    assert_estimate_fits(error, new_run / "model")  # the same model, saved this time
+
+
+def user_shell_env() -> dict:
+    """As after `source .venv/bin/activate`: the installed `accelerate` first on PATH."""
+    env = subprocess_env()
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    return env
+
+
+def test_a_diverging_learning_rate_prints_a_new_run_that_trains(make_config, tmp_path, capsys):
+    """`--optim.lr=1e3` diverges; --resume would keep that rate (refused), so the trainer prints a new run
+    with the recipe's own rate, which trains to the end when typed as printed."""
+    cfg = make_config(train={"max_steps": 30, "save_every": 2, "eval_every": 2, "log_every": 2},
+                      log={"run_name": "diverged"})
+    recipe = write_recipe(tmp_path / "recipe.py", cfg)
+    code, _, err = run_main([recipe, "--optim.lr=1e3"], capsys)
+    run_dir = Path(cfg.log.output_root) / "diverged"
+    error = one_line_error(err)
+    assert code == 3 and "non-finite loss or gradient norm" in error
+    summary = json.loads((run_dir / "summary.json").read_text())  # written on a divergence stop too
+    assert summary["status"] == "diverged" and summary["exit_code"] == 3 and summary["model_dir"] is None
+    assert summary["step"] < 30 and summary["peak_lr/adamw"] == 1e3
+    assert "no checkpoint beats an untrained model" in error  # every evaluation was above ln(vocabulary)
+    command = error.split("start again with lower learning rates: ")[1]
+    assert command == f"accelerate launch trainer/run.py --from={run_dir} --optim.lr=0.003"  # the recipe's rate
+
+    result = subprocess.run(["bash", "-c", command], cwd=REPO, env=user_shell_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    (new_run,) = [p for p in run_dir.parent.iterdir() if p != run_dir]
+    config, summary = (json.loads((new_run / name).read_text()) for name in ("config.json", "summary.json"))
+    assert config["optim"]["lr"] == 0.003 and summary["status"] == "finished" and summary["step"] == 30
+    assert "Optimizer: AdamW (peak lr 0.003," in (new_run / "model" / "README.md").read_text()
 
 
 def test_a_kill_during_a_save_leaves_only_complete_checkpoints(make_config, tmp_path):
@@ -112,7 +209,7 @@ def test_a_kill_during_a_save_leaves_only_complete_checkpoints(make_config, tmp_
 
     cfg.train.max_steps = last + 2
     summary = train(cfg, resume=str(run_dir))
-    assert summary["steps"] == last + 2 and not list((run_dir / "checkpoints").glob(".tmp-*"))
+    assert summary["step"] == last + 2 and not list((run_dir / "checkpoints").glob(".tmp-*"))
 
 
 # --------------------------------------------------------------------------- bad input: one line, exit 2
@@ -145,6 +242,11 @@ def test_bad_inputs_are_one_line_errors(make_config, tmp_path, tiny_corpus_dir, 
         ([f"--resume={string_step}", "--train.max_steps=4"], "trainer_state.json ValueError: step='200' is not an integer"),
         ([f"--resume={two_procs}", "--train.max_steps=4"], "was trained with 2 process(es), this launch has 1: resume "
                                                           "with --num_processes 2"),
+        ([f"--from={tmp_path / 'nothing'}"], f"--from={tmp_path / 'nothing'}: not a checkpoint, nor a run directory with "
+                                             f"config.json"),
+        ([recipe, f"--from={good}"], "--from starts a new run with the config stored in that run: give it without a "
+                                     "recipe and without --resume"),
+        ([f"--from={good}/checkpoints/step-000002", "--model.hidden_size=64"], "its weights do not fit this model"),
     ]
     for argv, expected in cases:
         code, _, err = run_main(argv, capsys)
@@ -158,7 +260,7 @@ def test_bare_resume_finds_runs_by_recipe_not_by_directory_name(make_config, tmp
     assert main([str(recipe)]) == 0
     assert main([str(recipe), "--resume", "--train.max_steps=4"]) == 0
     assert "resumed from" in capsys.readouterr().out
-    assert json.loads((Path(cfg.log.output_root) / "my-experiment" / "summary.json").read_text())["steps"] == 4
+    assert json.loads((Path(cfg.log.output_root) / "my-experiment" / "summary.json").read_text())["step"] == 4
 
 
 def test_resume_restores_the_runs_own_config(make_config, tmp_path, capsys):
@@ -213,6 +315,6 @@ def test_a_run_killed_between_its_last_checkpoint_and_its_model_only_saves_the_m
     records_before = read_jsonl(run_dir / "metrics.jsonl")
     assert main([f"--resume={run_dir}"]) == 0
     assert (run_dir / "model" / "model.safetensors").is_file()
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 4
     assert [r for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r] == \
         [r for r in records_before if "train/loss" in r]  # nothing trained again

@@ -57,7 +57,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(make_config, tmp_path, sig):
 
     cfg.train.max_steps = state.step + 2
     summary = train(cfg, resume=str(run_dir))
-    assert summary["steps"] == state.step + 2
+    assert summary["step"] == state.step + 2
     assert train_steps(run_dir) == list(range(1, state.step + 3))
 
 
@@ -74,7 +74,7 @@ def test_kill_9_loses_at_most_the_steps_since_the_last_checkpoint(make_config, t
 
     cfg.train.max_steps = last + 2
     summary = train(cfg, resume=str(run_dir))
-    assert summary["steps"] == last + 2
+    assert summary["step"] == last + 2
 
 
 def free_port() -> int:
@@ -98,7 +98,7 @@ def test_two_processes_train_exactly_like_one(make_config, tmp_path, capsys, opt
                str(REPO / "trainer" / "run.py"), str(write_recipe(tmp_path / "recipe.py", two))]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "processes 2" in result.stdout
+    assert "2 processes (DDP), CPU, fp32" in result.stdout
 
     root = Path(one.log.output_root)
     runs = {name: read_jsonl(root / name / "metrics.jsonl") for name in ("one", "accum", "two")}
@@ -198,9 +198,9 @@ def test_two_processes_stop_together_on_a_signal_to_one_rank_or_to_the_launcher(
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["status"] == "interrupted" and f"{who}: stopped at step" in output, output[-3000:]
         checkpoint = list_checkpoints(run_dir)[-1]
-        assert read_state(checkpoint).step == summary["steps"] and summary["steps"] % 2 == 0  # a logging step
+        assert read_state(checkpoint).step == summary["step"] and summary["step"] % 2 == 0  # a logging step
         assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
-        return summary["steps"]
+        return summary["step"]
 
     launcher = launch_two(recipe)
     lines_until(launcher, "step 6 ")
@@ -250,7 +250,7 @@ def test_deepspeed_zero2_trains_like_one_process_and_the_recipe_decides_accumula
     recipe = write_recipe(tmp_path / "recipe.py", ds)
     result = launch(REPO / "accelerate_configs" / "deepspeed_zero2.yaml")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "processes 1 (DEEPSPEED)" in result.stdout  # the engine really ran (ZeRO checkpoints below)
+    assert "1 process (DeepSpeed), CPU" in result.stdout  # the engine really ran (ZeRO checkpoints below)
     assert (Path(ds.log.output_root) / "ds" / "checkpoints" / "step-000006" / "pytorch_model").is_dir()
 
     root = Path(plain.log.output_root)

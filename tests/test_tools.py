@@ -36,7 +36,7 @@ def test_finetune_from_a_saved_checkpoint_lowers_eval_loss(trained_run, make_con
     cfg = make_config(model={"pretrained": str(trained_run / "model")}, optim={"lr": 1e-3},
                       train={"epochs": 2}, log={"run_name": "ft"})
     summary = train(cfg)
-    assert summary["final/eval_loss"] < before - 0.05
+    assert summary["eval/loss"] < before - 0.05
 
 
 def test_evaluate_command_matches_a_hand_computation(trained_run, tiny_corpus_dir, capsys):
@@ -96,31 +96,83 @@ def test_fill_mask_comparison_table(trained_run, capsys, monkeypatch):
     assert "the big [MASK] sees a dog ." in out and out.count("(0.") >= 4  # 2 models x top-2 with scores
 
 
-def test_compare_report_from_two_learning_rates(make_config, tmp_path, capsys):
+def test_compare_report_from_two_learning_rates(make_config, tmp_path, capsys, monkeypatch):
     from trainer.compare import main
 
-    for name, lr in (("lr_low", 1e-3), ("lr_high", 5e-3)):
-        train(make_config(optim={"lr": lr}, train={"max_steps": 6, "eval_every": 3}, log={"run_name": name}))
+    names = {1e-3: "scratch_tuned-20261125-101500", 5e-3: "scratch_tuned-20261125-101501"}  # as runs are named
+    for lr, name in names.items():
+        train(make_config(optim={"lr": lr}, train={"max_steps": 6, "eval_every": 3}, log={"run_name": name}),
+              command=["trainer/run.py", "recipes/scratch_tuned.py", f"--optim.lr={lr:g}"])
     root = Path(make_config().log.output_root)
+    runs = [str(root / name) for name in names.values()]
     out = tmp_path / "report"
-    assert main([str(root / "lr_low"), str(root / "lr_high"), "--out", str(out)]) == 0
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main([*runs, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "optim.lr" in printed and "0.001" in printed and "0.005" in printed
+    assert header_names(printed) == ["", *names.values()]  # whole names, on an 80-column terminal too
     for png in ("curves_vs_step.png", "curves_vs_tokens.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 2 and "optim.lr" in page and "lr_high" in page
+    assert page.count("data:image/png;base64,") == 2 and "optim.lr" in page and names[5e-3] in page
+    assert "<td>trainer/run.py recipes/scratch_tuned.py --optim.lr=0.005</td>" in page  # the command as typed
+    assert "overflow-wrap:anywhere" in page
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert not [row for row in rows if "to val perplexity" in row]  # no target given: no empty target rows
 
     # The numbers are the runs' own: final and best eval loss, and the first evaluation under a target.
-    evals = {name: [r for r in read_jsonl(root / name / "metrics.jsonl") if "eval/loss" in r] for name in ("lr_low", "lr_high")}
-    target = sorted(r["eval/perplexity"] for r in evals["lr_high"])[1]  # reached at some evaluation, not the first
-    assert main([str(root / "lr_low"), str(root / "lr_high"), "--out", str(out), f"--target-perplexity={target}"]) == 0
+    evals = {name: [r for r in read_jsonl(root / name / "metrics.jsonl") if "eval/loss" in r] for name in names.values()}
+    low, high = names.values()
+    target = sorted(r["eval/perplexity"] for r in evals[high])[1]  # reached at some evaluation, not the first
+    assert main([*runs, "--out", str(out), f"--target-perplexity={target}"]) == 0
     rows = json.loads((out / "summary.json").read_text())["rows"]
-    assert rows["final val loss"] == [evals[n][-1]["eval/loss"] for n in ("lr_low", "lr_high")]
-    assert rows["best val loss"] == [min(r["eval/loss"] for r in evals[n]) for n in ("lr_low", "lr_high")]
-    first = next(r for r in evals["lr_high"] if r["eval/perplexity"] <= target)
+    assert rows["final val loss"] == [evals[n][-1]["eval/loss"] for n in (low, high)]
+    assert rows["best val loss"] == [min(r["eval/loss"] for r in evals[n]) for n in (low, high)]
+    first = next(r for r in evals[high] if r["eval/perplexity"] <= target)
     assert rows[f"time to val perplexity <= {target:g} (s)"][1] == first["time_s"]
     assert rows[f"tokens to val perplexity <= {target:g}"][1] == first["tokens"]
+
+
+def header_names(printed: str) -> list[str]:
+    """The column headers of the first rich table printed, each joined from the lines it folds over."""
+    lines = printed.splitlines()
+    top = next(i for i, line in enumerate(lines) if line.lstrip().startswith("┏"))
+    end = next(i for i, line in enumerate(lines) if line.lstrip().startswith("┡"))
+    cells = [[cell.strip() for cell in line.strip().strip("┃").split("┃")] for line in lines[top + 1:end]]
+    return ["".join(column) for column in zip(*cells)]
+
+
+def test_evaluate_scores_the_whole_split_unless_told_otherwise(make_config, tiny_corpus_dir, capsys, monkeypatch):
+    """A run's data.max_eval_blocks limited its evaluations in training; `trainer.evaluate RUN --split test`
+    scores every block of the split, and says so, unless a limit is passed."""
+    from trainer.evaluate import evaluate_model, main
+
+    cfg = make_config(data={"max_eval_blocks": 3}, train={"max_steps": 2}, log={"run_name": "limited"})
+    train(cfg)
+    run_dir = Path(cfg.log.output_root) / "limited"
+    all_blocks = load_blocks(DataConfig(dataset=str(tiny_corpus_dir), block_size=32), load_tokenizer(str(run_dir / "model")),
+                             "test", log=lambda *_: None).blocks
+    whole = evaluate_model(str(run_dir / "model"), Config(data=DataConfig(dataset=str(tiny_corpus_dir), block_size=32)),
+                           split="test", log=lambda *_: None)
+    assert whole["eval/blocks"] == len(all_blocks) > 3
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main([str(run_dir), "--split", "test"]) == 0
+    out = capsys.readouterr().out
+    assert f"{whole['eval/loss']:.4f}" in out and f"all {len(all_blocks)}" in out
+    assert main([str(run_dir), "--split", "test", "--data.max_eval_blocks=3"]) == 0
+    assert "first 3 (data.max_eval_blocks)" in capsys.readouterr().out
+
+
+def test_the_saved_model_fills_a_mask_in_a_600_word_text(trained_run):
+    """The saved tokenizer knows the model's input limit (the block size it was trained on), so the
+    fill-mask pipeline's truncation cuts a long text there instead of crashing the position table."""
+    from transformers import AutoTokenizer, pipeline
+
+    assert AutoTokenizer.from_pretrained(trained_run / "model").model_max_length == 32
+    text = "the big [MASK] sees a dog . " + " ".join(["the old king rules a city ."] * 86)  # 603 words
+    fill = pipeline("fill-mask", model=str(trained_run / "model"), tokenizer_kwargs={"truncation": True})
+    predictions = fill(text)
+    assert len(predictions) == 5 and all(p["token_str"] for p in predictions)
 
 
 def test_compare_leaves_wandb_files_to_wandb(make_config, monkeypatch, capsys):
@@ -212,7 +264,7 @@ def test_plain_loop_baseline_learns_and_reads_like_a_run(make_config, tmp_path, 
     losses = run.series("eval/loss", "step")[1]
     assert run.config["loop"] == "plain-hf" and len(losses) >= 3
     assert losses[-1] < losses[0] - 0.5  # it trains: the tiny corpus is very learnable
-    assert run.summary["final/eval_loss"] == pytest.approx(losses[-1])
+    assert run.summary["eval/loss"] == pytest.approx(losses[-1])
 
 
 def test_bench_times_both_steps_and_checks_they_agree(tiny_tokenizer_dir, monkeypatch):

@@ -2,14 +2,19 @@
 
 import json
 import math
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import REPO
+from test_faults import user_shell_env
 from trainer.checkpoint import CheckpointError, list_checkpoints, read_state
-from trainer.config import ConfigError
+from trainer.config import ConfigError, ModelConfig
+from trainer.model import build_model
 from trainer.loop import TrainingStopped, train
 from trainer.tracking import read_jsonl
 
@@ -24,17 +29,17 @@ def test_short_run_learns_and_saves_a_loadable_model(make_config):
     run_dir = Path(cfg.log.output_root) / "learn"
     evals = records(run_dir, "eval")
     assert evals[-1]["eval/loss"] < evals[0]["eval/loss"] - 0.5  # eval loss falls
-    assert summary["final/eval_loss"] == pytest.approx(evals[-1]["eval/loss"])
-    assert summary["final/eval_perplexity"] == pytest.approx(math.exp(summary["final/eval_loss"]))
+    assert summary["eval/loss"] == pytest.approx(evals[-1]["eval/loss"])
+    assert summary["eval/perplexity"] == pytest.approx(math.exp(summary["eval/loss"]))
     train_records = records(run_dir, "train")
-    assert [r["step"] for r in train_records] == list(range(1, summary["steps"] + 1))
+    assert [r["step"] for r in train_records] == list(range(1, summary["step"] + 1))
     for key in ("train/lr", "train/grad_norm", "train/perplexity", "train/accuracy", "train/top5_accuracy",
                 "train/tokens_per_s", "train/mfu", "train/peak_memory_gib", "epoch", "tokens", "time_s"):
         assert key in train_records[-1]
     lrs = [r["train/lr"] for r in train_records]  # 10% linear warmup, then linear decay to 0
     peak = lrs.index(max(lrs))
-    assert peak == round(0.1 * summary["steps"]) - 1 and lrs[-1] == 0.0
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == summary["steps"]
+    assert peak == round(0.1 * summary["step"]) - 1 and lrs[-1] == 0.0
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == summary["step"]
 
     from transformers import pipeline
 
@@ -51,10 +56,28 @@ def test_short_run_learns_and_saves_a_loadable_model(make_config):
     card = ModelCard.load(run_dir / "model" / "README.md")
     assert card.data.pipeline_tag == "fill-mask" and card.data.library_name == "transformers"
     (perplexity,) = [r for r in card.data.eval_results if r.metric_type == "perplexity"]
-    assert perplexity.metric_value == pytest.approx(summary["final/eval_perplexity"])
+    assert perplexity.metric_value == pytest.approx(summary["eval/perplexity"])
     for text in (f"{summary['parameters']:,} parameters", "2 layers, hidden size 32", samples["rows"][0][1],
-                 f"| tokens seen | {summary['tokens_seen']:,} |", "recipe\n`tiny`"):
+                 f"| tokens seen | {summary['tokens']:,} |", "recipe\n`tiny`"):
         assert text in card.text, text
+
+
+def test_muon_runs_log_and_record_both_learning_rates_and_the_epochs_done(make_config):
+    """Muon's rate is logged beside AdamW's, and the summary and model card say what ran: both peak
+    rates, and the steps and epochs done (a run stopped by max_steps, not the epochs planned)."""
+    cfg = make_config(optim={"name": "muon", "lr": 1e-3, "muon_lr": 0.005}, train={"epochs": 3, "max_steps": 6},
+                      log={"run_name": "muon"})
+    summary = train(cfg)
+    run_dir = Path(cfg.log.output_root) / "muon"
+    logged = records(run_dir, "train")
+    assert len(logged) == 6 and all(r["train/lr"] > 0 and r["train/lr_muon"] == pytest.approx(5 * r["train/lr"]) for r in logged)
+    assert summary["peak_lr/adamw"] == 1e-3 and summary["peak_lr/muon"] == 0.005
+    assert summary["step"] == 6 and summary["epoch"] == pytest.approx(6 / 26)
+    card = (run_dir / "model" / "README.md").read_text()
+    for text in ("Muon (peak lr 0.005, momentum 0.95) on the encoder's and head's 2-D weight matrices, AdamW (peak lr "
+                 "0.001,", "trained 0.23 epochs,\n6 optimizer steps, 1,536 tokens (3 epochs planned, at most 6 steps)",
+                 "| peak lr, Muon | 0.005 |"):
+        assert text in card, text
 
 
 def test_wandb_offline_run_is_written(make_config, monkeypatch):
@@ -103,7 +126,7 @@ def test_resume_latest_and_errors(make_config, tmp_path):
     train(cfg)
     cfg.train.max_steps = 6
     summary = train(cfg, resume="latest")
-    assert summary["steps"] == 6
+    assert summary["step"] == 6
     with pytest.raises(CheckpointError, match="not a checkpoint, nor a run directory"):
         train(cfg, resume=str(tmp_path / "nothing"))
     run_dir = Path(summary["model_dir"]).parent
@@ -147,7 +170,7 @@ def test_nonfinite_loss_is_skipped_or_stops(make_config, monkeypatch, capsys, fu
     monkeypatch.setattr(SparseMLM, "forward", poisoned)
     cfg = make_config(train={"max_steps": 4, "on_nonfinite": "skip"}, optim={"fused": fused}, log={"run_name": "skip"})
     summary = train(cfg)
-    assert summary["steps"] == 4 and "steps 4-4: 1 with a non-finite loss or gradient norm, update skipped" in capsys.readouterr().out
+    assert summary["step"] == 4 and "steps 4-4: 1 with a non-finite loss or gradient norm, update skipped" in capsys.readouterr().out
     root = Path(cfg.log.output_root)
     skipped_last, three_steps = final_params(root / "skip"), final_params(root / "clean")
     assert all(torch.equal(skipped_last[k], three_steps[k]) for k in three_steps)  # step 4 changed nothing
@@ -218,7 +241,7 @@ def test_fp16_on_cpu_and_unwritable_output_are_refused(make_config, tmp_path):
 
 def test_bf16_autocast_trains_on_cpu(make_config):
     summary = train(make_config(train={"mixed_precision": "bf16", "max_steps": 4, "epochs": 1}))
-    assert math.isfinite(summary["final/eval_loss"])
+    assert math.isfinite(summary["eval/loss"])
 
 
 def test_gradient_accumulation_equals_a_bigger_batch(make_config):
@@ -264,6 +287,18 @@ def test_requested_tracker_that_is_not_installed_is_an_error(make_config, monkey
         train(make_config(log={"tracker": "tensorboard"}))
 
 
+def test_checkpoints_evaluated_nan_are_not_kept_as_the_newest(make_config, monkeypatch):
+    """A NaN evaluation means diverged weights: those checkpoints are dropped, the newest sane ones kept."""
+    import trainer.loop
+
+    losses = iter([3.0, 2.0, 2.5, float("nan"), float("inf")])  # evaluations at steps 2, 4, ..., 10
+    real = trainer.loop.evaluate_mlm
+    monkeypatch.setattr(trainer.loop, "evaluate_mlm", lambda *a, **k: {**real(*a, **k), "eval/loss": next(losses)})
+    cfg = make_config(train={"save_every": 2, "eval_every": 2, "keep_last": 2, "max_steps": 10}, log={"run_name": "nan"})
+    train(cfg)
+    assert [read_state(p).step for p in list_checkpoints(Path(cfg.log.output_root) / "nan")] == [4, 6]
+
+
 def test_the_best_checkpoint_survives_when_eval_loss_rises(make_config, monkeypatch):
     """keep_last=1, and the eval loss is lowest at step 4 of 12: step-4 stays beside the newest."""
     import trainer.loop
@@ -296,7 +331,7 @@ def test_bf16_autocast_is_really_on(make_config, monkeypatch, precision, dtype):
 
     monkeypatch.setattr(SparseMLM, "forward", spy)
     summary = train(make_config(train={"mixed_precision": precision, "max_steps": 2, "epochs": 1}))
-    assert set(dtypes) == {dtype} and math.isfinite(summary["final/eval_loss"])
+    assert set(dtypes) == {dtype} and math.isfinite(summary["eval/loss"])
 
 
 def test_tensorboard_receives_the_same_numbers_as_metrics_jsonl(make_config):
@@ -346,7 +381,31 @@ def test_a_diverged_run_names_the_best_checkpoint_and_never_saves_a_broken_model
     stopped = capsys.readouterr().err
     run_dir = Path(cfg.log.output_root) / "diverged"
     best = min(records(run_dir, "eval"), key=lambda r: r["eval/loss"])["step"]
-    assert f"resume from the best checkpoint {run_dir}/checkpoints/step-{best:06d}" in stopped
+    checkpoint = run_dir / "checkpoints" / f"step-{best:06d}"
+    assert f"the best checkpoint is {checkpoint} (eval loss" in stopped
+    command = stopped.strip().split("with lower learning rates in a new run: ")[1]
+    assert command == f"accelerate launch trainer/run.py --from={checkpoint} --optim.lr=0.0003"  # a tenth
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "diverged"
+
+    # Typed as printed (a new process: the fault above was this process's): the weights of that
+    # checkpoint, a fresh optimizer at a tenth of the rate, recorded in the new run's config and model card.
+    result = subprocess.run(["bash", "-c", command], cwd=REPO, env=user_shell_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    (new_run,) = [p for p in run_dir.parent.iterdir() if p.name != "diverged"]
+    config = json.loads((new_run / "config.json").read_text())
+    assert config["model"]["init_from"] == str(checkpoint.resolve()) and config["optim"]["lr"] == 0.0003
+    assert f"model BertForMaskedLM  0.02M parameters  2 layers, hidden 32  (from scratch), weights of {checkpoint.resolve()}" \
+        in result.stdout
+    card = (new_run / "model" / "README.md").read_text()
+    assert f"from the weights of the checkpoint `{checkpoint.resolve()}`" in card and "AdamW (peak lr 0.0003," in card
+    started, _ = build_model(ModelConfig(**config["model"]), 34)  # what the new run started from
+    saved = load_file(str(checkpoint / "model.safetensors"))
+    assert all(torch.equal(started.state_dict()[k.removeprefix("mlm.")], v) for k, v in saved.items())
+    shutil.rmtree(run_dir)  # the new run stands alone: it resumes from its own checkpoints
+    resumed = subprocess.run(["bash", "-c", f"accelerate launch trainer/run.py --resume={new_run} --train.max_steps=44"],
+                             cwd=REPO, env=user_shell_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
 
     calls["n"] = 0
     monkeypatch.setattr("trainer.loop.parameters_finite", lambda accelerator, model: calls["n"] < 3)  # broken from step 3

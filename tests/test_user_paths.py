@@ -94,7 +94,7 @@ def test_accelerate_launch_as_typed_sigterm_to_the_launcher_and_the_printed_resu
     assert summary["status"] == "interrupted" and summary["exit_code"] == 143, output
     assert "launcher exited: stopped at step" in output and "Traceback" not in output.split("launcher exited")[-1]
     stopped = read_state(list_checkpoints(run)[-1]).step
-    assert stopped == summary["steps"] < 40
+    assert stopped == summary["step"] < 40
 
     resume = re.search(r"Resume with: (.*)", output).group(1).strip()
     assert resume == f"accelerate launch trainer/run.py --resume={run}"

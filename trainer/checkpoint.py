@@ -144,15 +144,22 @@ def any_process_failed(accelerator, failed: bool) -> bool:
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` checkpoints and the one with the lowest eval loss."""
+    """Keep the newest `keep_last` checkpoints and the one with the lowest eval loss. One whose evaluation
+    gave a NaN/inf loss holds a diverged model: it is never one of the newest kept (a resume would start
+    from it)."""
     checkpoints = list_checkpoints(run_dir)
-    keep = set(checkpoints[-keep_last:])
+    keep = set([p for p in checkpoints if not evaluated_nonfinite(p)][-keep_last:])
     best = best_checkpoint(run_dir)
     if best is not None:
         keep.add(best)
     for path in checkpoints:
         if path not in keep:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def evaluated_nonfinite(checkpoint: Path) -> bool:
+    loss = read_state(checkpoint).eval_loss
+    return loss is not None and not math.isfinite(loss)
 
 
 def best_checkpoint(run_dir: Path) -> Path | None:

@@ -74,7 +74,9 @@ def load_run(path: Path) -> Run:
 
 
 def config_differences(runs: list[Run]) -> dict[str, list]:
-    flat = [flatten({k: v for k, v in run.config.items() if k != "run_id"}) for run in runs]
+    """Keys whose values differ between the runs; the command line as the user typed it (words joined by spaces)."""
+    flat = [flatten({k: (" ".join(v) if k == "command" and isinstance(v, list) else v)
+                     for k, v in run.config.items() if k != "run_id"}) for run in runs]
     keys = sorted(set().union(*flat))
     return {k: [f.get(k) for f in flat] for k in keys if len({json.dumps(f.get(k)) for f in flat}) > 1}
 
@@ -87,26 +89,30 @@ def time_to_perplexity(run: Run, target: float) -> tuple[float | None, int | Non
     return None, None
 
 
-def summary_rows(runs: list[Run], target_perplexity: float) -> list[tuple[str, list]]:
-    def pick(run: Run, summary_key: str, metric: str, best=False):
-        value = run.summary.get(summary_key)
-        return value if value is not None else (run.best(metric) if best else run.last(metric))
+def summary_rows(runs: list[Run], target_perplexity: float | None) -> list[tuple[str, list]]:
+    """The runs' summary values (summary.json, else the last logged record); the time and tokens to
+    `target_perplexity` when one is given."""
+    def pick(run: Run, key: str, best=False):
+        value = run.summary.get(key)
+        return value if value is not None else (run.best(key.replace("best_", "")) if best else run.last(key))
 
-    return [
-        ("steps", [run.summary.get("steps", run.last("step")) for run in runs]),
-        ("tokens seen", [run.summary.get("tokens_seen", run.last("tokens")) for run in runs]),
-        ("final train loss", [run.last("train/loss") for run in runs]),
-        ("final val loss", [pick(run, "final/eval_loss", "eval/loss") for run in runs]),
-        ("best val loss", [pick(run, "best/eval_loss", "eval/loss", best=True) for run in runs]),
-        ("final val perplexity", [pick(run, "final/eval_perplexity", "eval/perplexity") for run in runs]),
-        ("best val perplexity", [pick(run, "best/eval_perplexity", "eval/perplexity", best=True) for run in runs]),
-        ("final val accuracy", [pick(run, "final/eval_accuracy", "eval/accuracy") for run in runs]),
-        ("train tokens/s", [run.summary.get("train/tokens_per_s") or run.last("train/tokens_per_s") for run in runs]),
-        ("wall time (s)", [run.summary.get("wall_time_s") for run in runs]),
-        (f"time to val perplexity <= {target_perplexity:g} (s)", [time_to_perplexity(r, target_perplexity)[0] for r in runs]),
-        (f"tokens to val perplexity <= {target_perplexity:g}", [time_to_perplexity(r, target_perplexity)[1] for r in runs]),
-        ("parameters", [run.summary.get("parameters") for run in runs]),
+    rows = [
+        ("steps", [pick(run, "step") for run in runs]),
+        ("tokens seen", [pick(run, "tokens") for run in runs]),
+        ("final train loss", [pick(run, "train/loss") for run in runs]),
+        ("final val loss", [pick(run, "eval/loss") for run in runs]),
+        ("best val loss", [pick(run, "eval/best_loss", best=True) for run in runs]),
+        ("final val perplexity", [pick(run, "eval/perplexity") for run in runs]),
+        ("best val perplexity", [pick(run, "eval/best_perplexity", best=True) for run in runs]),
+        ("final val accuracy", [pick(run, "eval/accuracy") for run in runs]),
+        ("train tokens/s", [pick(run, "train/tokens_per_s") for run in runs]),
+        ("wall time (s)", [pick(run, "time_s") for run in runs]),
     ]
+    if target_perplexity is not None:
+        reached = [time_to_perplexity(run, target_perplexity) for run in runs]
+        rows += [(f"time to val perplexity <= {target_perplexity:g} (s)", [seconds for seconds, _ in reached]),
+                 (f"tokens to val perplexity <= {target_perplexity:g}", [tokens for _, tokens in reached])]
+    return rows + [("parameters", [run.summary.get("parameters") for run in runs])]
 
 
 def plot(runs: list[Run], axis: str, out: Path) -> Path:
@@ -152,7 +158,8 @@ def write_html(runs: list[Run], rows, diffs, images: list[Path], out: Path) -> P
     names = [run.name for run in runs]
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Run comparison</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right;max-width:40em;overflow-wrap:anywhere}}
+td:first-child,th:first-child{{text-align:left}}
 img{{max-width:100%}}</style></head><body>
 <h1>Run comparison</h1><p>{html.escape(", ".join(str(r.path) for r in runs))} &mdash; {time.strftime('%Y-%m-%d %H:%M')}</p>
 <h2>Summary</h2>{html_table(["", *names], [[k, *v] for k, v in rows])}
@@ -171,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.compare", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories (runs/<name>)")
     parser.add_argument("--out", default=None, help="report directory (default reports/compare-<time>)")
-    parser.add_argument("--target-perplexity", type=float, default=657.0,
-                        help="report the time and tokens each run took to reach this val perplexity (default: the seed's 657)")
+    parser.add_argument("--target-perplexity", type=float, default=None,
+                        help="also report the time and tokens each run took to reach this val perplexity (the seed "
+                             "reached 657)")
     args = parser.parse_args(argv)
     console = Console()
     try:
@@ -186,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, diffs = summary_rows(runs, args.target_perplexity), config_differences(runs)
     table = Table(title="runs")
     table.add_column("")
-    for run in runs:
-        table.add_column(escape(run.name), justify="right")
+    for run in runs:  # fold, not cut: runs named <recipe>-<date>-<time> differ only at the end
+        table.add_column(escape(run.name), justify="right", overflow="fold")
     for name, values in rows:
         table.add_row(name, *(escape(fmt(v)) for v in values))
     console.print(table)
@@ -195,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         diff_table = Table(title="config differences")
         diff_table.add_column("key")
         for run in runs:
-            diff_table.add_column(escape(run.name), justify="right")
+            diff_table.add_column(escape(run.name), justify="right", overflow="fold")
         for key, values in diffs.items():
             diff_table.add_row(key, *(escape(str(v)) for v in values))
         console.print(diff_table)

@@ -37,6 +37,10 @@ class ModelConfig:
     pretrained: str | None = option(
         None, "Hub id or directory to start from (fine-tuning): its config.json sets the architecture "
               "and dropout, and the size and init fields are ignored; none = train from scratch")
+    init_from: str | None = option(
+        None, "a checkpoint (runs/<run>/checkpoints/step-N) whose model weights start this run; the optimizer, "
+              "schedule and step count start fresh, so any optim.* may differ (trainer/run.py --from=CHECKPOINT "
+              "sets it); none = the weights above")
     hidden_size: int = option(256, "width of the encoder")
     num_layers: int = option(3, "transformer layers")
     num_heads: int = option(4, "attention heads per layer")
@@ -198,6 +202,7 @@ class Config:
         m, d, o, t = self.model, self.data, self.optim, self.train
         if isinstance(self.log.tracker, str):  # a recipe may say tracker="tensorboard"
             self.log.tracker = [] if self.log.tracker == "none" else [self.log.tracker]
+        self.log.tracker = list(dict.fromkeys(self.log.tracker))  # wandb,wandb is one W&B run, not two sinks
         checks = [
             (m.hidden_size > 0 and m.num_layers > 0 and m.num_heads > 0, "model sizes must be positive"),
             (m.hidden_size % m.num_heads == 0,
@@ -358,7 +363,24 @@ def parse_value(text: str, annotation) -> object:
 
 
 USAGE = ("usage: trainer/run.py RECIPE.py [--resume[=RUN_OR_CHECKPOINT]] [--section.key=value ...]\n"
-         "       trainer/run.py --resume=RUN [--section.key=value ...]   (the run's own config)")
+         "       trainer/run.py --resume=RUN [--section.key=value ...]   (the run's own config)\n"
+         "       trainer/run.py --from=RUN_OR_CHECKPOINT [--section.key=value ...]   (a new run with that run's "
+         "config; from a checkpoint, also its weights)")
+
+
+def print_help() -> None:
+    print_to_stdout(f"{USAGE}\n\n{help_text()}")
+
+
+def print_to_stdout(text: str) -> None:
+    """Print `text`; a reader that stops early (`-h | head`) is not an error."""
+    import os
+
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Python's recipe: point stdout at /dev/null so the flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @dataclass
@@ -366,6 +388,7 @@ class CommandLine:
     recipe: str | None  # None only with --resume=RUN: the run's stored config is used
     overrides: list[str]
     resume: str | None  # None: fresh run; "latest": newest run of this recipe; else a run or checkpoint dir
+    start_from: str | None = None  # --from: a new run with this run's config (and a checkpoint's weights)
 
 
 class HelpRequested(Exception):
@@ -373,25 +396,33 @@ class HelpRequested(Exception):
 
 
 def parse_command_line(argv: list[str]) -> CommandLine:
-    """`RECIPE [--resume[=PATH]] [--tracker=X] [--section.key=value ...]`, or `--resume=PATH [...]`."""
+    """`RECIPE [--resume[=PATH]] [--tracker=X] [--section.key=value ...]`, or `--resume=PATH [...]`, or
+    `--from=PATH [...]`."""
     if any(arg in ("-h", "--help") for arg in argv):
         raise HelpRequested
     rest = list(argv)
     recipe = rest.pop(0) if rest and not rest[0].startswith("--") else None
-    overrides, resume = [], None
+    overrides, resume, start_from = [], None, None
     while rest:
         arg = rest.pop(0)
         if arg == "--resume":  # bare: the newest run of this recipe; or followed by a path
             resume = rest.pop(0) if rest and not rest[0].startswith("--") else "latest"
         elif arg.startswith("--resume="):
             resume = arg.split("=", 1)[1] or "latest"
+        elif arg == "--from" or arg.startswith("--from="):
+            start_from = arg.split("=", 1)[1] if "=" in arg else (rest.pop(0) if rest else "")
+            if not start_from or start_from.startswith("--"):
+                raise ConfigError("--from needs a run directory or a checkpoint: --from=runs/<run>/checkpoints/step-N")
         elif arg == "--tracker" or arg.startswith("--tracker="):  # shorthand for --log.tracker
             overrides.append("--log." + arg[2:])
         else:
             overrides.append(arg)
-    if recipe is None and (resume is None or resume == "latest"):
+    if start_from is not None and (recipe is not None or resume is not None):
+        raise ConfigError("--from starts a new run with the config stored in that run: give it without a recipe "
+                          "and without --resume (a recipe with other weights: --model.init_from=CHECKPOINT)")
+    if recipe is None and start_from is None and (resume is None or resume == "latest"):
         raise ConfigError(USAGE.splitlines()[0].removeprefix("usage: ") + " (a recipe, or --resume=RUN)")
-    return CommandLine(recipe, overrides, resume)
+    return CommandLine(recipe, overrides, resume, start_from)
 
 
 def build_config(argv: list[str]) -> tuple[Config, CommandLine]:
@@ -409,8 +440,8 @@ if __name__ == "__main__":  # `python -m trainer.config RECIPE [overrides]` prin
     from trainer import config as module  # the importable module: recipes build its Config, not __main__'s
 
     try:
-        print(json.dumps(module.build_config(sys.argv[1:])[0].to_dict(), indent=2))
+        module.print_to_stdout(json.dumps(module.build_config(sys.argv[1:])[0].to_dict(), indent=2))
     except module.HelpRequested:
-        print(f"{module.USAGE}\n\n{module.help_text()}")
+        module.print_help()
     except module.ConfigError as e:
         sys.exit(f"error: {e}")

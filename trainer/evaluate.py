@@ -51,8 +51,9 @@ def evaluate_mlm(model, loader, accelerator, track=None, metric=None) -> dict[st
 
 
 def evaluate_model(name: str, cfg, split: str = "validation", log=print, track=None) -> dict[str, float]:
-    """Metrics of a saved model directory or Hub id on a split of `cfg.data`, with the fixed evaluation
-    masks, scored with the model's own tokenizer."""
+    """Metrics of a saved model directory or Hub id on a split of `cfg.data` (its first
+    `data.max_eval_blocks` blocks, if set), with the fixed evaluation masks, scored with the model's own
+    tokenizer; `eval/blocks` says how many blocks were scored."""
     import evaluate
     from accelerate import Accelerator
 
@@ -72,12 +73,14 @@ def evaluate_model(name: str, cfg, split: str = "validation", log=print, track=N
     metric = evaluate.load(str(METRIC)) if accelerator.is_main_process else None
     metrics = evaluate_mlm(model, loader, accelerator, track=track, metric=metric)
     accelerator.free_memory()
-    return metrics
+    return {**metrics, "eval/blocks": len(blocks)}
 
 
 def config_for(name: str, overrides: list[str]):
     """The config of the run `name` is (or whose model/ it is): its data, block size; else the defaults;
-    then the overrides. A model directory's own config.json is the model's, not a run's."""
+    then the overrides. A model directory's own config.json is the model's, not a run's. The run's
+    `data.max_eval_blocks` limited its evaluations during training: here the whole split is scored
+    unless the overrides set a limit."""
     from trainer.config import Config, apply_overrides
     from trainer.rundir import CONFIG_FILE, read_json, stored_config
 
@@ -89,12 +92,14 @@ def config_for(name: str, overrides: list[str]):
 
     path = Path(name)
     run_dir = next((d for d in (path, path.parent) if is_run(d)), None)
-    return apply_overrides(stored_config(run_dir) if run_dir else Config(), overrides).validate()
+    cfg = stored_config(run_dir) if run_dir else Config()
+    cfg.data.max_eval_blocks = None
+    return apply_overrides(cfg, overrides).validate()
 
 
 USAGE = ("usage: python -m trainer.evaluate MODEL_OR_RUN... [--split validation|test] [--section.key=value ...]\n"
-         "  used: --data.* (dataset, block size, max_eval_blocks), --train.eval_batch_size, "
-         "--train.mixed_precision (auto = fp32 here)")
+         "  scores the whole split; used: --data.* (dataset, block size, max_eval_blocks: score only the first N "
+         "blocks), --train.eval_batch_size, --train.mixed_precision (auto = fp32 here)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     console = TrainingConsole()
     table = Table(title=f"MLM evaluation on {split}")
-    for column in ("model", "loss", "perplexity", "accuracy", "top-5 accuracy", "masked tokens"):
+    for column in ("model", "loss", "perplexity", "accuracy", "top-5 accuracy", "masked tokens", "blocks scored"):
         table.add_column(column, justify="left" if column == "model" else "right")
     try:
         if split not in ("validation", "test"):
@@ -133,9 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in models:
             cfg = config_for(name, overrides)
             metrics = evaluate_model(model_path(name), cfg, split, log=console.print, track=console.track)
+            limit, blocks = cfg.data.max_eval_blocks, metrics["eval/blocks"]
+            scored = f"first {blocks:,} (data.max_eval_blocks)" if limit is not None and blocks >= limit else f"all {blocks:,}"
             table.add_row(escape(name), f"{metrics['eval/loss']:.4f}", f"{metrics['eval/perplexity']:.2f}",
                           f"{metrics['eval/accuracy']:.4f}", f"{metrics['eval/top5_accuracy']:.4f}",
-                          f"{metrics['eval/masked_tokens']:,}")
+                          f"{metrics['eval/masked_tokens']:,}", scored)
     except (ConfigError, DataError, ModelError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,7 +21,8 @@ def fill_mask(model, tokenizer, probes: list[str], top_k: int = 5) -> list[list[
 
     was_training = model.training
     model.eval()
-    unmasker = pipeline("fill-mask", model=model, tokenizer=tokenizer, device=model.device, top_k=top_k)
+    unmasker = pipeline("fill-mask", model=model, tokenizer=tokenizer, device=model.device, top_k=top_k,
+                        tokenizer_kwargs={"truncation": True})  # a probe longer than the model's input: cut there
     results = []
     for probe in probes:
         predictions = unmasker(probe.replace("[MASK]", tokenizer.mask_token))

@@ -13,7 +13,7 @@ import itertools
 import math
 import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,24 +21,26 @@ from accelerate import PartialState
 
 from trainer.checkpoint import (TrainState, best_checkpoint, load_checkpoint, parameters_finite, read_state,
                                 remove_partial_saves, save_checkpoint, set_aside_later_checkpoints)
-from trainer.config import Config, ConfigError
-from trainer.console import ConsoleSink, TrainingConsole, quiet_libraries
+from trainer.config import Config, ConfigError, load_recipe
+from trainer.console import ConsoleSink, TrainingConsole, describe_launch, quiet_libraries
 from trainer.data import DataError, IndexedBlocks, MLMCollator, eval_dataloader, load_blocks, load_tokenizer
 from trainer.evaluate import evaluate_mlm
-from trainer.export import save_model, write_model_card
+from trainer.export import save_model, trained_length, write_model_card
 from trainer.fillmask import log_samples
 from trainer.metrics import IntervalMeter, model_flops_per_token, peak_flops, perplexity
 from trainer.model import build_model, check_attention_fits, check_block_size, count_parameters, training_model
 from trainer.rundir import (CONFIG_FILE, MODEL_DIR, SUMMARY_FILE, RunLock, check_resume_config, create_run_dir,
-                            find_checkpoint, read_json, remove_if_empty, run_dir_of, write_json_atomic)
+                            find_checkpoint, list_checkpoints, read_json, remove_if_empty, run_dir_of, write_json_atomic)
 from trainer.runtime import (StopRequest, check_device_matches_launch, check_plugins_match_recipe, cuda_in_use,
                              enable_tf32, force_cpu, launch_command, process_group_backend, resolve_mixed_precision)
-from trainer.step import TrainStep, build_optimizer, build_scheduler
+from trainer.step import TrainStep, build_optimizer, build_scheduler, learning_rates
 from trainer.tracking import JsonlSink, MetricLogger, check_trackers_installed, open_trackers
 
 
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (non-finite loss policy); a one-line reason."""
+
+    exit_code = 3
 
 
 @dataclass
@@ -124,9 +126,9 @@ class Trainer:
         enable_tf32()
         check_plugins_match_recipe(accelerator, cfg)
         self.console = TrainingConsole(accelerator.is_main_process)
-        self.console.print(f"run [bold]{self.run_dir.name}[/bold]  dir {self.run_dir}  processes "
-                           f"{accelerator.num_processes} ({accelerator.distributed_type.value})  device "
-                           f"{accelerator.device}  precision {accelerator.mixed_precision}")
+        self.console.print(f"run [bold]{self.run_dir.name}[/bold]  dir {self.run_dir}  " + describe_launch(
+            accelerator.num_processes, accelerator.distributed_type.value, accelerator.device.type,
+            accelerator.mixed_precision))
         set_seed(cfg.train.seed)  # identical initial weights on every process
 
     def pick_run_dir(self) -> Path:
@@ -172,7 +174,9 @@ class Trainer:
 
     def setup_model(self) -> None:
         cfg, accelerator = self.cfg, self.accelerator
-        hf_model, report = build_model(cfg.model, len(self.tokenizer))
+        # A resume's weights are its checkpoint's: the checkpoint a run started from may be gone by then.
+        model_cfg = cfg.model if self.resume_from is None else replace(cfg.model, init_from=None)
+        hf_model, report = build_model(model_cfg, len(self.tokenizer))
         check_block_size(hf_model, cfg.data.block_size)
         if cfg.model.pretrained:
             check_attention_fits(hf_model.config.num_hidden_layers, hf_model.config.num_attention_heads,
@@ -180,7 +184,8 @@ class Trainer:
         self.n_params, self.model_config = count_parameters(hf_model), hf_model.config
         self.console.print(f"model BertForMaskedLM  {self.n_params / 1e6:.2f}M parameters  "
                            f"{hf_model.config.num_hidden_layers} layers, hidden {hf_model.config.hidden_size}"
-                           + (f"  from {cfg.model.pretrained}" if cfg.model.pretrained else "  (from scratch)"))
+                           + (f"  from {cfg.model.pretrained}" if cfg.model.pretrained else "  (from scratch)")
+                           + (f", weights of {model_cfg.init_from}" if model_cfg.init_from else ""))
         if report.new_weights:
             self.console.print(f"newly initialised (not in the checkpoint): {', '.join(report.new_weights)}")
         if report.unused_weights:
@@ -241,7 +246,7 @@ class Trainer:
             summary = read_json(self.run_dir / SUMMARY_FILE)
         except (OSError, ValueError):
             return False
-        return summary.get("status") == "finished" and summary.get("steps") == self.state.step
+        return summary.get("status") == "finished" and summary.get("step", summary.get("steps")) == self.state.step
 
     # ------------------------------------------------------------------ fit
 
@@ -318,13 +323,15 @@ class Trainer:
             self.console.print(f"[yellow]steps {state.step - self.meter.steps + 1}-{state.step}: {self.skipped} with a "
                                f"non-finite loss or gradient norm, update skipped ({self.longest_skip_run} in a row)[/yellow]")
             if t.on_nonfinite == "stop" or self.longest_skip_run >= t.max_nonfinite_skips:
+                self.logger.summary(self.run_summary("diverged", TrainingStopped.exit_code, model_dir=None))
                 raise TrainingStopped(f"stopped at step {state.step}: non-finite loss or gradient norm "
                                       f"(train.on_nonfinite={t.on_nonfinite}, {self.longest_skip_run} in a row); "
                                       f"{self.where_to_resume_after_divergence()}")
         metrics = self.meter.flush(self.accelerator, self.skipped)
         if metrics:  # an interval of skipped steps only has nothing to report
-            lr = float(self.scheduler.get_last_lr()[0])  # a tensor when the step is compiled
-            self.train_metrics = {**metrics, "train/lr": lr, "epoch": self.epoch()}
+            rates = learning_rates(self.optimizer)
+            self.train_metrics = {**metrics, "train/lr": rates["adamw"],
+                                  **({"train/lr_muon": rates["muon"]} if "muon" in rates else {}), "epoch": self.epoch()}
             self.logger.log(self.record(self.train_metrics))
 
     def evaluate(self) -> bool:
@@ -334,7 +341,8 @@ class Trainer:
         new_best = metrics["eval/loss"] <= state.best_eval_loss
         state.last_eval_step, state.last_eval_loss = state.step, metrics["eval/loss"]
         state.best_eval_loss = min(state.best_eval_loss, metrics["eval/loss"])
-        self.eval_metrics = {**metrics, "eval/best_perplexity": perplexity(state.best_eval_loss)}
+        self.eval_metrics = {**metrics, "eval/best_loss": state.best_eval_loss,
+                             "eval/best_perplexity": perplexity(state.best_eval_loss)}
         self.logger.log(self.record({**self.eval_metrics, "epoch": self.epoch()}))
         return new_best
 
@@ -356,25 +364,15 @@ class Trainer:
                                f"{self.run_dir}/checkpoints. Resume with:[/yellow] {self.resume_command()}")
         model_dir = self.run_dir / MODEL_DIR
         if not parameters_finite(self.accelerator, self.model):
+            self.logger.summary(self.run_summary("diverged", TrainingStopped.exit_code, model_dir=None))
             raise TrainingStopped(f"parameters are not finite at step {state.step}: the model is NOT saved; "
                                   f"{self.where_to_resume_after_divergence()}")
-        save_model(self.accelerator, self.model, self.tokenizer, model_dir, resume_hint=self.resume_command())
+        save_model(self.accelerator, self.model, self.tokenizer, model_dir,
+                   max_length=trained_length(self.cfg, self.model_config, self.tokenizer),
+                   after_failure=self.after_failed_model_save())
         if not self.eval_metrics and state.last_eval_step == state.step:  # a resume that only saves the model
             self.eval_metrics = {"eval/loss": state.last_eval_loss, "eval/perplexity": perplexity(state.last_eval_loss)}
-        summary = {
-            "run_id": self.run_dir.name, "recipe": self.cfg.name, "status": "interrupted" if interrupted else "finished",
-            "exit_code": self.stop.exit_code, "parameters": self.n_params, "steps": state.step,
-            "tokens_seen": state.tokens_seen, "wall_time_s": self.elapsed(), "train_time_s": self.meter.session_seconds,
-            "train/tokens_per_s": self.meter.session_tokens_per_s,
-            "train/mfu": self.meter.mfu(self.meter.session_tokens_per_s, self.accelerator.num_processes),
-            "final/train_loss": self.train_metrics.get("train/loss"),
-            "final/train_perplexity": self.train_metrics.get("train/perplexity"),
-            "final/eval_loss": self.eval_metrics.get("eval/loss"),
-            "final/eval_perplexity": self.eval_metrics.get("eval/perplexity"),
-            "final/eval_accuracy": self.eval_metrics.get("eval/accuracy"),
-            "best/eval_loss": state.best_eval_loss, "best/eval_perplexity": perplexity(state.best_eval_loss),
-            "model_dir": str(model_dir),
-        }
+        summary = self.run_summary("interrupted" if interrupted else "finished", self.stop.exit_code, model_dir)
         samples = None
         if self.accelerator.is_main_process and not interrupted:
             samples = log_samples(self.cfg, model_dir, self.logger, state.step)
@@ -385,6 +383,27 @@ class Trainer:
             except OSError as e:  # the model itself is saved; its card is a convenience
                 self.console.print(f"warning: model card not written ({e.strerror})")
         return summary
+
+    def run_summary(self, status: str, exit_code: int, model_dir: Path | None) -> dict:
+        """summary.json, the trackers' summary, the console table and the model card: what ran and where it
+        ended, each value under its logged metric's name (`eval/loss` is the last evaluation's)."""
+        state, optim, meter = self.state, self.cfg.optim, self.meter
+        precision = self.accelerator.mixed_precision
+        return {
+            "run_id": self.run_dir.name, "recipe": self.cfg.name, "status": status, "exit_code": exit_code,
+            "parameters": self.n_params, "step": state.step, "epoch": self.epoch(), "tokens": state.tokens_seen,
+            "time_s": self.elapsed(), "train_time_s": meter.session_seconds,
+            "train/tokens_per_s": meter.session_tokens_per_s,
+            "train/mfu": meter.mfu(meter.session_tokens_per_s, self.accelerator.num_processes),
+            "train/loss": self.train_metrics.get("train/loss"),
+            "train/perplexity": self.train_metrics.get("train/perplexity"),
+            "eval/loss": self.eval_metrics.get("eval/loss"), "eval/perplexity": self.eval_metrics.get("eval/perplexity"),
+            "eval/accuracy": self.eval_metrics.get("eval/accuracy"),
+            "eval/best_loss": state.best_eval_loss, "eval/best_perplexity": perplexity(state.best_eval_loss),
+            "peak_lr/adamw": optim.lr, **({"peak_lr/muon": optim.muon_lr} if optim.name == "muon" else {}),
+            "precision": "fp32" if precision == "no" else precision,
+            "model_dir": str(model_dir) if model_dir else None,
+        }
 
     def close(self) -> None:
         """Release everything, also after an error; a run that failed before producing anything leaves no directory."""
@@ -417,10 +436,41 @@ class Trainer:
     # ------------------------------------------------------------------ helpers
 
     def where_to_resume_after_divergence(self) -> str:
-        """The best checkpoint by eval loss, not the last one, which may hold a finite but diverged model."""
+        """The command to type: a new run (`--from`: fresh optimizer and schedule, which a resume would
+        keep) with lower learning rates, from the weights of the best checkpoint by eval loss (not the
+        last one, which may hold a finite but diverged model) if it beats an untrained model, else from
+        the run's starting point."""
+        lower = self.lower_learning_rates()
         best = best_checkpoint(self.run_dir) if self.accelerator.is_main_process else None
-        where = f"resume from the best checkpoint {best}" if best else "no checkpoint was saved at an evaluation"
-        return f"{where}, with a lower --optim.lr"
+        best_loss, untrained = (read_state(best).eval_loss if best else None), math.log(self.model_config.vocab_size)
+        if best is not None and best_loss < untrained:
+            return (f"the best checkpoint is {best} (eval loss {best_loss:.4g}): continue from its weights with lower "
+                    f"learning rates in a new run: {self.launch_command(f'--from={best}', *lower)}")
+        why = ("no checkpoint was saved at a finite evaluation" if best is None else
+               f"no checkpoint beats an untrained model (the best, {best.name}, has eval loss {best_loss:.4g}; a "
+               f"uniform guess over {self.model_config.vocab_size:,} tokens has {untrained:.2f})")
+        return (f"{why}: start again with lower learning rates: "
+                f"{self.launch_command(f'--from={self.run_dir}', *lower)}")
+
+    def lower_learning_rates(self) -> list[str]:
+        """Overrides after a divergence: the recipe's own rates where this run raised them (an override
+        that went too far), else a tenth of each rate."""
+        optim, names = self.cfg.optim, ["lr"] + (["muon_lr"] if self.cfg.optim.name == "muon" else [])
+        try:
+            recipe = load_recipe(self.recipe).optim if self.recipe else None
+        except ConfigError:  # the recipe file moved or broke since the run started
+            recipe = None
+        raised = [name for name in names if recipe is not None and getattr(optim, name) > getattr(recipe, name)]
+        return ([f"--optim.{name}={getattr(recipe, name):g}" for name in raised]
+                or [f"--optim.{name}={getattr(optim, name) / 10:g}" for name in names])
+
+    def after_failed_model_save(self) -> str:
+        """What to do when the final model did not fit: resume from the checkpoints, or, if none fit
+        either, start again (a resume needs a checkpoint)."""
+        if list_checkpoints(self.run_dir):
+            return f"the checkpoints are intact: free some space, then {self.resume_command()}"
+        return (f"no checkpoint was saved either, so the {self.state.step} steps are lost: free some space, then "
+                f"start again with the run's config: {self.launch_command(f'--from={self.run_dir}')}")
 
     def record(self, metrics: dict) -> dict:
         return {"step": self.state.step, "tokens": self.state.tokens_seen, "time_s": round(self.elapsed(), 3), **metrics}
@@ -432,6 +482,9 @@ class Trainer:
     def epoch(self) -> float:
         return self.state.epoch + self.state.batches_in_epoch / max(len(self.train_loader), 1)
 
+    def launch_command(self, *args: str) -> str:
+        """The launch this run was started with (as typed: same launcher, options and variables), with `args`."""
+        return " ".join([launch_command(), *(shlex.quote(a) for a in args)])
+
     def resume_command(self) -> str:
-        """The launch this run was started with (as typed: same launcher, options and variables), resuming it."""
-        return f"{launch_command()} --resume={shlex.quote(str(self.run_dir))}"
+        return self.launch_command(f"--resume={self.run_dir}")

@@ -10,6 +10,7 @@ step ~3x faster on CPU with the same loss and gradients. What gets saved is the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,8 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> tuple[BertForMaskedLM, Loa
                     layer.attention.output.dense.weight.zero_()
                     layer.output.dense.weight.zero_()
         report = LoadReport([], [])
+    if cfg.init_from:
+        load_checkpoint_weights(model, cfg.init_from)
     if model.config.vocab_size < vocab_size:
         raise ModelError(
             f"tokenizer has {vocab_size} tokens but the model's embeddings have {model.config.vocab_size} rows; "
@@ -87,6 +90,29 @@ def sinusoids(length: int, dim: int) -> torch.Tensor:
     table[:, 0::2] = torch.sin(position * frequency)
     table[:, 1::2] = torch.cos(position * frequency)[:, : dim // 2]  # odd dim: one sine more than cosines
     return table * 2**0.5
+
+
+def load_checkpoint_weights(model: BertForMaskedLM, checkpoint: str) -> None:
+    """Start from the model weights of a training checkpoint (Accelerate's `model.safetensors`, keys
+    under the training wrapper's `mlm.`); every weight must be there with its shape."""
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint) / "model.safetensors"
+    try:
+        saved = {k.removeprefix("mlm."): v for k, v in load_file(str(path)).items()}
+    except Exception as e:  # missing, or not a safetensors file
+        raise ModelError(f"model.init_from={checkpoint}: cannot read {path.name} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''}); name a checkpoint directory "
+                         f"runs/<run>/checkpoints/step-N") from e
+    expected = model.state_dict()
+    tied = {name for name in expected if name not in saved and any(
+        expected[name].data_ptr() == expected[other].data_ptr() for other in saved if other in expected)}
+    wrong = sorted({*(set(expected) - set(saved) - tied), *(set(saved) - set(expected))}
+                   | {k for k in saved if k in expected and saved[k].shape != expected[k].shape})
+    if wrong:
+        raise ModelError(f"model.init_from={checkpoint}: its weights do not fit this model ({', '.join(wrong[:4])}"
+                         f"{', ...' if len(wrong) > 4 else ''}); use the model config the checkpoint was trained with")
+    model.load_state_dict(saved, strict=False)
 
 
 def check_block_size(model: BertForMaskedLM, block_size: int) -> None:

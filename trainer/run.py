@@ -1,5 +1,7 @@
 """Entry point: `accelerate launch trainer/run.py RECIPE.py [--resume[=RUN]] [--section.key=value ...]`,
-or `accelerate launch trainer/run.py --resume=RUN` (the run's own config). `-h` lists every field.
+or `accelerate launch trainer/run.py --resume=RUN` (the run's own config), or `--from=CHECKPOINT
+[--optim.lr=...]` (a new run from that checkpoint's weights, with its run's config and any change).
+`-h` lists every field.
 
 Also runs as `python trainer/run.py ...` or `python -m trainer.run ...` (one process). Exit codes:
 0 finished, 2 bad input or an unusable file (one line on stderr), 3 stopped for non-finite values,
@@ -18,11 +20,11 @@ if __package__ in (None, ""):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.config import ConfigError, HelpRequested, USAGE, build_config, help_text, parse_command_line
+    from trainer.config import ConfigError, HelpRequested, build_config, parse_command_line, print_help
     from trainer.data import DataError
     from trainer.loop import TrainingStopped, train
     from trainer.model import ModelError
-    from trainer.rundir import CheckpointError, resume_config
+    from trainer.rundir import CheckpointError, resume_config, start_from_config
     from trainer.tracking import TrackerError
 
     argv = sys.argv[1:] if argv is None else argv
@@ -32,15 +34,18 @@ def main(argv: list[str] | None = None) -> int:
         if cli.resume is not None:
             config, checkpoint = resume_config(cli)
             summary = train(config, resume=str(checkpoint), recipe=cli.recipe, command=command)
+        elif cli.start_from is not None:
+            config, recipe = start_from_config(cli)
+            summary = train(config, recipe=recipe, command=command)
         else:
             config, _ = build_config(argv)
             summary = train(config, recipe=cli.recipe, command=command)
     except HelpRequested:
-        print(f"{USAGE}\n\n{help_text()}")
+        print_help()
         return 0
     except TrainingStopped as e:
         report(e)
-        return 3
+        return TrainingStopped.exit_code
     except (ConfigError, DataError, ModelError, CheckpointError, TrackerError) as e:
         report(e)
         return 2

@@ -211,3 +211,22 @@ def resume_config(cli: CommandLine) -> tuple[Config, Path]:
     checkpoint = find_checkpoint(cli.resume, Path(base.log.output_root), base.name)
     stored = stored_config(run_dir_of(checkpoint))
     return apply_overrides(copy.deepcopy(stored), cli.overrides).validate(), checkpoint  # checked by the Trainer
+
+
+def start_from_config(cli: CommandLine) -> tuple[Config, str | None]:
+    """`--from=PATH`: a new run with the config stored in PATH's run, plus the command line's overrides
+    (any field may change: nothing continues but the weights). From a checkpoint, the new run starts
+    from its weights (`model.init_from`); from a run directory, from the config's own starting point.
+    The new run gets a new directory unless an override names one. Returns the config and the recipe
+    the source run recorded."""
+    path = Path(cli.start_from)
+    checkpoint = path if (path / STATE_FILE).is_file() else None
+    run_dir = run_dir_of(checkpoint) if checkpoint else path
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise CheckpointError(f"--from={cli.start_from}: not a checkpoint, nor a run directory with {CONFIG_FILE}")
+    config = copy.deepcopy(stored_config(run_dir))
+    config.log.run_name = None
+    if checkpoint:
+        config.model.init_from = str(checkpoint.resolve())
+    recipe = read_json(run_dir / CONFIG_FILE).get("recipe")
+    return apply_overrides(config, cli.overrides).validate(), recipe

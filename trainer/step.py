@@ -248,3 +248,11 @@ def forward_loss(model, batch: dict, num_items: torch.Tensor, scale: float):
     the masked tokens of the whole step)."""
     token_loss, rank = model(**batch)
     return token_loss.sum() / num_items * scale, token_loss, rank
+
+
+def learning_rates(optimizer) -> dict[str, float]:
+    """The learning rate of each optimizer `build_optimizer` made, now: {"adamw": ..., "muon": ...} (Muon's
+    only when it runs); a group's lr is a tensor in the compiled step."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
+    parts = inner.parts if isinstance(inner, Optimizers) else (inner,)
+    return {name: float(part.param_groups[0]["lr"]) for name, part in zip(("adamw", "muon"), parts)}

@@ -14,13 +14,18 @@ uploaded later with `wandb sync`, browsed with `wandb leet runs/wandb`.
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import math
 import os
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 from typing import Protocol
 
 from trainer.rundir import METRICS_FILE, SUMMARY_FILE, read_jsonl, write_json_atomic, write_text_atomic
+
+
+HPARAMS_METRICS = ("eval/loss", "eval/perplexity", "eval/accuracy", "train/loss")  # TensorBoard's HPARAMS columns
 
 
 class TrackerError(ValueError):
@@ -117,6 +122,10 @@ class WandbSink:
         for axis in ("step", "tokens", "time_s"):
             self.run.define_metric(axis)
         self.run.define_metric("*", step_metric="step")
+        self.tracker = accelerator.get_tracker("wandb")
+
+    def store_config(self, config: dict) -> None:
+        self.tracker.store_init_configuration(config)
 
     def log(self, record: dict) -> None:
         # No `step=`: W&B keeps its own monotonic counter (a resume re-logs the steps after the
@@ -136,7 +145,7 @@ class WandbSink:
 
 
 class TensorBoardSink:
-    """TensorBoard event files under the run directory; scalars by `step`, tables as text."""
+    """TensorBoard event files under `<run>/<project>`; scalars by `step`, tables as text, the config as hparams."""
 
     name = "tensorboard"
 
@@ -146,6 +155,16 @@ class TensorBoardSink:
 
     def __init__(self, accelerator):
         self.writer = accelerator.get_tracker("tensorboard", unwrap=True)
+
+    def store_config(self, config: dict) -> None:
+        """The config in the HPARAMS tab, with the run's own losses as metric columns. Written into the
+        run's event file: `SummaryWriter.add_hparams` (what Accelerate calls) would open a sub-run per call
+        that holds nothing but the config."""
+        from torch.utils.tensorboard.summary import hparams
+
+        for summary in hparams(config, {metric: 0.0 for metric in HPARAMS_METRICS}):
+            self.writer.file_writer.add_summary(summary)
+        self.writer.flush()
 
     def log(self, record: dict) -> None:
         for key, value in record.items():
@@ -177,6 +196,10 @@ class TrackioSink:
 
     def __init__(self, accelerator):
         self.run = accelerator.get_tracker("trackio", unwrap=True)
+        self.tracker = accelerator.get_tracker("trackio")
+
+    def store_config(self, config: dict) -> None:
+        self.tracker.store_init_configuration(config)
 
     def log(self, record: dict) -> None:
         self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
@@ -191,6 +214,7 @@ class TrackioSink:
         pass
 
 
+# Each also has `store_config(flat_config)`, called once the tracker has started.
 TRACKERS = {sink.name: sink for sink in (WandbSink, TensorBoardSink, TrackioSink)}
 
 
@@ -209,8 +233,31 @@ def open_trackers(accelerator, cfg, run_dir: Path, run_id: str) -> list[MetricSi
         return []
     init_kwargs = {name: TRACKERS[name].init_kwargs(cfg, run_dir, run_id) for name in cfg.log.tracker
                    if accelerator.is_main_process}
-    accelerator.init_trackers(cfg.log.project, config=flatten(cfg.to_dict()), init_kwargs=init_kwargs)
-    return [TRACKERS[name](accelerator) for name in cfg.log.tracker] if accelerator.is_main_process else []
+    with dashboard_hint(run_dir.parent) if "trackio" in cfg.log.tracker and accelerator.is_main_process else nullcontext():
+        accelerator.init_trackers(cfg.log.project, init_kwargs=init_kwargs)  # the config: store_config below
+    if not accelerator.is_main_process:
+        return []
+    sinks = [TRACKERS[name](accelerator) for name in cfg.log.tracker]
+    config = flatten(cfg.to_dict())
+    for sink in sinks:
+        sink.store_config(config)
+    return sinks
+
+
+@contextmanager
+def dashboard_hint(output_root: Path):
+    """trackio prints `trackio show --project ...`, which opens its default store, not this one
+    (`<output_root>/trackio`): print its other lines, and the command that shows these runs instead."""
+    printed = io.StringIO()
+    try:
+        with redirect_stdout(printed):
+            yield
+    finally:
+        hint = ("View dashboard by running", "trackio show --project", "trackio.show(project=")
+        for line in printed.getvalue().splitlines():
+            if not any(text in line for text in hint):
+                print(line)
+        print(f"* trackio dashboard of these runs: python -m trainer.dashboard --runs {output_root}", flush=True)
 
 
 def wandb_mode() -> str:
