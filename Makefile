@@ -27,7 +27,7 @@ MODELS ?= $(addsuffix model,$(RUNS))
 # makes it make's own child, to which make passes a SIGTERM on.
 LAUNCH = exec env $(if $(findstring cpu_,$(ACCEL_CONFIG)),ACCELERATE_USE_CPU=1) $(PY) -m trainer.launch --config_file $(ACCEL_CONFIG) \
 	$(if $(filter %cpu.yaml %single_gpu.yaml %cpu_2proc.yaml,$(ACCEL_CONFIG)),,--num_processes $(NUM_PROCESSES)) trainer/run.py
-OFFLINE = $$($(PY) -m trainer.hub $(1))
+OFFLINE = $$($(PY) -m trainer.hub $(1) $(ARGS))
 
 .PHONY: install scratch scratch-tuned scratch-fast finetune train test test-browser bench gpu-check bench-plain ablate compare fillmask \
 	evaluate dashboard clean

@@ -62,12 +62,21 @@ def test_make_scratch_without_a_wandb_login(user_env, tmp_path):
 
 
 @needs_shared
-def test_make_finetune_without_a_wandb_login(user_env, tmp_path):
+def test_make_finetune_on_a_folder_of_your_own_text_without_a_wandb_login(user_env, tmp_path):
+    """Domain-adaptive pre-training as the README types it: the pretrained model, the user's folder."""
+    lines = [l for l in (SHARED / "wikitext-2-raw-v1" / "wiki.test.raw").read_text().splitlines() if l.strip()]
+    notes = tmp_path / "notes"
+    (notes / "2026").mkdir(parents=True)
+    (notes / "field-notes.txt").write_text("\n".join(lines[:300]))
+    (notes / "2026" / "more.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n"
+                                                       for i, t in enumerate(lines[300:400])))
     out = tmp_path / "runs"
-    result = shell(f'make finetune ARGS="--train.max_steps=2 --data.max_train_blocks=16 --data.max_eval_blocks=4 '
-                   f'--train.eval_every=0 --log.output_root={out}"', user_env)
+    result = shell(f'make finetune ARGS="--data.dataset={notes} --train.max_steps=2 --data.max_train_blocks=16 '
+                   f'--data.max_eval_blocks=4 --train.eval_every=0 --log.output_root={out}"', user_env)
     run = assert_complete_offline_run(out, result.stdout)
     assert "NEW MLM head" in result.stderr  # offline: the all-MiniLM-L6-v2 encoder stands in for bert-base-uncased
+    assert f"from {notes} (2 files)" in result.stdout and "wikitext" not in result.stdout.split("model ")[0]
+    assert "5% of the training documents held out: data.validation_split" in result.stdout
     evals = [r for r in read_jsonl(run / "metrics.jsonl") if "eval/loss" in r]
     assert [r["step"] for r in evals] == [0, 2]  # the fine-tune's starting point, then the end
 

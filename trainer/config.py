@@ -41,6 +41,9 @@ class ModelConfig:
         None, "a checkpoint (runs/<run>/checkpoints/step-N) whose model weights start this run; the optimizer, "
               "schedule and step count start fresh, so any optim.* may differ (trainer/run.py --from=CHECKPOINT "
               "sets it); none = the weights above")
+    resize_embeddings: bool = option(
+        False, "with pretrained: accept a tokenizer whose vocabulary is not the model's, resizing the embeddings "
+               "(new rows start untrained); otherwise such a tokenizer is refused")
     hidden_size: int = option(256, "width of the encoder")
     num_layers: int = option(3, "transformer layers")
     num_heads: int = option(4, "attention heads per layer")

@@ -1,7 +1,7 @@
 """Offline fallbacks used by the Makefile: which overrides make a recipe run on this machine.
 
     python -m trainer.hub scratch    # prints e.g. --data.dataset=../shared/data/wikitext-2-raw-v1 ...
-    python -m trainer.hub finetune
+    python -m trainer.hub finetune --data.dataset=notes/   # the user's data: only the model and tokenizer
     python -m trainer.evaluate runs/x/model $(python -m trainer.hub scratch)   # the same overrides work there
 
 With the Hub reachable nothing is printed and the recipes load `wikitext` and `bert-base-uncased`
@@ -54,13 +54,19 @@ def offline_encoder() -> Path | None:
 
 
 def main(argv: list[str]) -> int:
-    recipe = argv[0] if argv else "scratch"
+    """`RECIPE [the user's overrides]`: the user's own --data.dataset replaces WikiText (and its offline
+    train split), so only the tokenizer (and for fine-tuning the model) are filled in."""
+    recipe, users = (argv[0] if argv else "scratch"), argv[1:]
     if hub_reachable():
         return 0
     shared = shared_data_dir()
     overrides = local_data_overrides(shared)
-    note = f"Hub unreachable: using local data in {shared}" if overrides else (
-        f"Hub unreachable and no local data in {shared}: the run will fail to load WikiText")
+    if any(arg.split("=")[0] in ("--data.dataset", "--data.train_dataset") for arg in users):
+        overrides = [o for o in overrides if o.startswith("--data.tokenizer=")]
+        note = f"Hub unreachable: your data, the tokenizer from {shared}"
+    else:
+        note = f"Hub unreachable: using local data in {shared}" if overrides else (
+            f"Hub unreachable and no local data in {shared}: the run will fail to load WikiText")
     if recipe == "finetune":
         encoder = offline_encoder()
         if encoder is None:

@@ -28,7 +28,8 @@ from trainer.evaluate import evaluate_mlm
 from trainer.export import save_model, trained_length, write_model_card
 from trainer.fillmask import log_samples
 from trainer.metrics import IntervalMeter, model_flops_per_token, peak_flops, perplexity
-from trainer.model import build_model, check_attention_fits, check_block_size, count_parameters, training_model
+from trainer.model import (build_model, check_attention_fits, check_block_size, count_parameters, match_vocabulary,
+                           training_model)
 from trainer.rundir import (CONFIG_FILE, MODEL_DIR, SUMMARY_FILE, RunLock, check_resume_config, create_run_dir,
                             find_checkpoint, list_checkpoints, read_json, remove_if_empty, run_dir_of, write_json_atomic)
 from trainer.runtime import (StopRequest, check_device_matches_launch, check_plugins_match_recipe, cuda_in_use,
@@ -178,6 +179,10 @@ class Trainer:
         model_cfg = cfg.model if self.resume_from is None else replace(cfg.model, init_from=None)
         hf_model, report = build_model(model_cfg, len(self.tokenizer))
         check_block_size(hf_model, cfg.data.block_size)
+        if cfg.model.pretrained:  # also on resume: a resized run's checkpoint holds the resized embeddings
+            resized = match_vocabulary(hf_model, self.tokenizer, cfg.model, cfg.data.tokenizer)
+            if resized:
+                self.console.print(resized)
         if cfg.model.pretrained:
             check_attention_fits(hf_model.config.num_hidden_layers, hf_model.config.num_attention_heads,
                                  cfg.data.block_size, cfg.train.batch_size, accelerator.device)

@@ -73,12 +73,34 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> tuple[BertForMaskedLM, Loa
         report = LoadReport([], [])
     if cfg.init_from:
         load_checkpoint_weights(model, cfg.init_from)
-    if model.config.vocab_size < vocab_size:
+    if model.config.vocab_size < vocab_size and not cfg.resize_embeddings:
         raise ModelError(
             f"tokenizer has {vocab_size} tokens but the model's embeddings have {model.config.vocab_size} rows; "
-            f"use the tokenizer the model was trained with"
+            f"use the tokenizer the model was trained with (or --model.resize_embeddings=true)"
         )
     return model, report
+
+
+def match_vocabulary(model: BertForMaskedLM, tokenizer, cfg: ModelConfig, tokenizer_name: str) -> str | None:
+    """A pretrained model's embedding rows belong to its own vocabulary: another tokenizer would feed it
+    the wrong rows. Refused unless `model.resize_embeddings`, which resizes the embeddings (new rows
+    start untrained; rows of tokens both share keep their ids only if the vocabularies agree there).
+    Compared with the tokenizer saved beside the model where there is one, else by size."""
+    from transformers import AutoTokenizer
+
+    try:
+        same = AutoTokenizer.from_pretrained(cfg.pretrained).get_vocab() == tokenizer.get_vocab()
+    except Exception:  # no tokenizer beside the weights
+        same = model.config.vocab_size == len(tokenizer)
+    if same:
+        return None
+    if not cfg.resize_embeddings:
+        raise ModelError(f"tokenizer {tokenizer_name} ({len(tokenizer):,} tokens) is not the vocabulary "
+                         f"{cfg.pretrained} was trained with ({model.config.vocab_size:,} rows): use the model's own "
+                         f"(--data.tokenizer={cfg.pretrained}), or resize its embeddings to the new vocabulary with "
+                         f"--model.resize_embeddings=true (the new rows start untrained)")
+    model.resize_token_embeddings(len(tokenizer))
+    return f"embeddings resized to the tokenizer's {len(tokenizer):,} tokens (model.resize_embeddings)"
 
 
 def sinusoids(length: int, dim: int) -> torch.Tensor:

@@ -31,7 +31,7 @@ def load_tokenizer(name_or_path: str):
         ) from e
     if not getattr(tokenizer, "is_fast", False):
         raise DataError(f"tokenizer {name_or_path!r} has no fast (Rust) version; save one with tokenizer.json")
-    if tokenizer.mask_token_id is None:
+    if tokenizer.mask_token is None or tokenizer.mask_token not in tokenizer.get_vocab():
         raise DataError(f"tokenizer {name_or_path!r} has no mask token, which masked-language modelling needs: "
                         f"use a BERT-style tokenizer, or train one: python -m trainer.tokenizer --data.dataset=...")
     return tokenizer
