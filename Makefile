@@ -29,7 +29,7 @@ LAUNCH = exec env $(if $(findstring cpu_,$(ACCEL_CONFIG)),ACCELERATE_USE_CPU=1) 
 	$(if $(filter %cpu.yaml %single_gpu.yaml %cpu_2proc.yaml,$(ACCEL_CONFIG)),,--num_processes $(NUM_PROCESSES)) trainer/run.py
 OFFLINE = $$($(PY) -m trainer.hub $(1) $(ARGS))
 
-.PHONY: install scratch scratch-tuned scratch-fast finetune train test test-browser bench gpu-check bench-plain ablate compare fillmask \
+.PHONY: install scratch scratch-tuned scratch-fast finetune train tokenizer test test-browser bench bench-data gpu-check bench-plain ablate compare fillmask \
 	evaluate dashboard clean
 
 install: $(VENV)/.installed
@@ -78,6 +78,14 @@ dashboard: install
 # The README's ablation (1M-token runs, one after the other): make ablate ARGS="--variant name=--optim.lr=2e-3"
 ablate: install
 	$(PY) bench/ablate.py recipes/scratch_tuned.py $(ARGS)
+
+# A BERT WordPiece tokenizer trained on your corpus: make tokenizer ARGS="--data.dataset=notes/ --output=tokenizers/notes"
+tokenizer: install
+	$(PY) -m trainer.tokenizer $(ARGS)
+
+# Tokenizing and training on 100 MB and 1 GB corpora built from WikiText, against run_mlm's preprocessing
+bench-data: install
+	$(PY) bench/data.py $(ARGS)
 
 bench: install
 	$(PY) bench/bench.py $(ARGS)
