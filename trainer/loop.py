@@ -111,7 +111,7 @@ class Trainer:
         self.run_dir = shared
         self.accelerator = accelerator = Accelerator(
             cpu=force_cpu(),
-            mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+            mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision, compiled=cfg.train.compile),
             gradient_accumulation_steps=cfg.train.grad_accum,
             log_with=cfg.log.tracker or None,
             project_dir=str(self.run_dir),

@@ -92,20 +92,45 @@ def check_plugins_match_recipe(accelerator, cfg) -> None:
                               f"--{recipe_key}={ds_config[key]}")
 
 
-def resolve_mixed_precision(choice: str) -> str:
-    """'auto' -> bf16 where the hardware runs it natively (CUDA compute capability 8+, a CPU with
-    avx512_bf16/AMX), fp16 on older GPUs, else fp32."""
-    import torch
-
+def resolve_mixed_precision(choice: str, compiled: bool = False) -> str:
+    """'auto' -> bf16 where the hardware runs it natively (`fast_bf16`), else fp16 on a GPU (fp32 for a
+    compiled step, whose update does not unscale fp16 gradients), fp32 on a CPU."""
     use_cuda = cuda_in_use()
     if choice == "fp16" and not use_cuda:
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU (Accelerate would silently train in fp32 "
                           "on CPU); use --train.mixed_precision=bf16 or no")
     if choice != "auto":
         return choice
-    if use_cuda:  # V100/T4 report bf16 "supported" but emulate it, slower than fp16
-        return "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"
-    return "bf16" if cpu_has_fast_bf16() else "no"
+    if fast_bf16("cuda" if use_cuda else "cpu"):
+        return "bf16"
+    return "fp16" if use_cuda and not compiled else "no"
+
+
+FAST_BF16_ENV = "TRAINER_FAST_BF16"
+
+
+def fast_bf16(device_type: str) -> bool:
+    """Whether the device runs bf16 matmuls natively: a GPU of compute capability 8+ (V100/T4 report bf16
+    "supported" but emulate it), a CPU with avx512_bf16 or AMX (without them a bf16 matmul is ~50x slower
+    than fp32). The one rule behind `mixed_precision=auto` and Muon's Newton-Schulz precision.
+    TRAINER_FAST_BF16=0 or 1 overrides the detection."""
+    override = os.environ.get(FAST_BF16_ENV, "").strip().lower()
+    if override:
+        if override not in ("0", "1", "true", "false", "yes", "no"):
+            raise ConfigError(f"{FAST_BF16_ENV}={override!r}: use 1 (bf16 is fast here) or 0 (compute in fp32)")
+        return override in ("1", "true", "yes")
+    if device_type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_capability()[0] >= 8
+    return device_type == "cpu" and cpu_has_fast_bf16()
+
+
+def fast_matmul_dtype(device_type: str):
+    """The low-precision dtype worth computing in on this device: bf16 where it is native, else fp32."""
+    import torch
+
+    return torch.bfloat16 if fast_bf16(device_type) else torch.float32
 
 
 def cpu_has_fast_bf16() -> bool:

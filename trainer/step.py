@@ -18,12 +18,15 @@ import torch
 
 from trainer.config import Config
 from trainer.metrics import MLMTotals
+from trainer.muon import Muon
+from trainer.runtime import fast_matmul_dtype
 
 
 def build_optimizer(model, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
     """AdamW with no weight decay on biases and LayerNorm weights (BERT's recipe); with optim.name=muon,
     torch's Muon on the hidden matrices instead (all 2-D weights but the embeddings, which are also the
-    tied output projection), both behind one `Optimizers` that the schedule and Accelerate see as one."""
+    tied output projection; Newton-Schulz in bf16 where the device runs it natively, else fp32), both
+    behind one `Optimizers` that the schedule and Accelerate see as one."""
     o = cfg.optim
     decay, no_decay, hidden = [], [], []
     for name, param in model.named_parameters():
@@ -42,8 +45,8 @@ def build_optimizer(model, cfg: Config, device: torch.device) -> torch.optim.Opt
         adamw = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
     if not hidden:
         return adamw
-    muon = torch.optim.Muon(hidden, lr=o.muon_lr, weight_decay=o.weight_decay, momentum=o.muon_momentum,
-                            ns_steps=o.muon_ns_steps)
+    muon = Muon(hidden, ns_dtype=fast_matmul_dtype(device.type), lr=o.muon_lr, weight_decay=o.weight_decay,
+                momentum=o.muon_momentum, ns_steps=o.muon_ns_steps)
     return Optimizers(adamw, muon)
 
 
