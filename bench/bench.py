@@ -129,7 +129,7 @@ def run_variant(variant: str, batch: int, seconds: float, overrides: list[str] =
         steps += 1
     sync()
     elapsed = time.perf_counter() - start
-    tokens_per_s = steps * batch * SEQ / elapsed
+    tokens_per_s = steps * batch * SEQ * (1 if variant.startswith("plain-hf") else cfg.train.grad_accum) / elapsed
     flops = model_flops_per_token(hf.config, SEQ, mask_rate) * tokens_per_s / 1e9
     peak_mem = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -159,8 +159,9 @@ def trainer_step(cfg, hf, batches, schedule_steps: int | None = None):
     scheduler = build_scheduler(optimizer, cfg, schedule_steps) if schedule_steps else None
     train_step = TrainStep(accelerator, model, optimizer, scheduler, cfg)
 
-    def step(i):
-        result = train_step([on_device[i % len(on_device)]], i)
+    def step(i):  # train.grad_accum micro-batches per optimizer step
+        accum = cfg.train.grad_accum
+        result = train_step([on_device[(i * accum + j) % len(on_device)] for j in range(accum)], i)
         return result.totals.loss_sum / result.totals.tokens
 
     return step, precision, train_step
@@ -169,8 +170,9 @@ def trainer_step(cfg, hf, batches, schedule_steps: int | None = None):
 def static_vs_dynamic(steps: int = 100, batch: int = 8, overrides: list[str] = (), recipe: str | None = None) -> dict:
     """The compiled static-shape step against the eager step on the same batches and initial weights
     (fixed mask count, no dropout, the learning rate changing every step): the largest loss difference
-    over `steps` steps, recompiles after the first steps, and whether a non-finite update leaves the
-    compiled step's parameters as they were."""
+    over `steps` steps, recompiles after the first steps, whether the compiled step's gradients stayed
+    in the same buffers (the CUDA-graph-safe design) and whether a non-finite update leaves its
+    parameters as they were. `train.grad_accum` micro-batches per step."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -194,12 +196,15 @@ def static_vs_dynamic(steps: int = 100, batch: int = 8, overrides: list[str] = (
             losses[name].append(float(step(i)))
             if i == 2:
                 start, graphs = time.perf_counter(), counters["stats"]["unique_graphs"]
+                buffers = [p.grad for p in getattr(train_step, "params", [])]
         timings[name] = (time.perf_counter() - start) / (steps - 3)
+    stable = bool(buffers) and all(grad is not None and p.grad is grad for p, grad in zip(train_step.params, buffers))
+    recompiles = counters["stats"]["unique_graphs"] - graphs
     kept = nonfinite_update_keeps_parameters(train_step, batches[0])
-    return {"nonfinite_update_kept_parameters": kept, "steps": steps, "max_abs_loss_diff": max(abs(a - b) for a, b in zip(losses["eager"], losses["compiled"])),
+    return {"nonfinite_update_kept_parameters": kept, "gradient_buffers_stable": stable, "steps": steps, "max_abs_loss_diff": max(abs(a - b) for a, b in zip(losses["eager"], losses["compiled"])),
             "final_loss_eager": losses["eager"][-1], "final_loss_compiled": losses["compiled"][-1],
             "step_s_eager": timings["eager"], "step_s_compiled": timings["compiled"],
-            "recompiles_after_warmup": counters["stats"]["unique_graphs"] - graphs}
+            "recompiles_after_warmup": recompiles}
 
 
 def nonfinite_update_keeps_parameters(train_step, batch: dict) -> bool:
@@ -212,7 +217,7 @@ def nonfinite_update_keeps_parameters(train_step, batch: dict) -> bool:
     train_step.accelerator.backward(loss)
     before = [p.detach().clone() for p in train_step.params]
     _, bad = train_step.update(torch.tensor(float("nan"), device=device))
-    train_step.optimizer.zero_grad(set_to_none=True)
+    train_step.optimizer.zero_grad(set_to_none=False)
     return bool(bad) and all(torch.equal(a, p.detach()) for a, p in zip(before, train_step.params))
 
 
@@ -273,10 +278,25 @@ def child_env(variant: str) -> dict:
     return env
 
 
+def run_child(variant: str, batch: int, args) -> dict | None:
+    """One variant in its own process; None (and its stderr printed) if it failed."""
+    out = subprocess.run([sys.executable, __file__, "--child", variant, str(batch), "--seconds", str(args.seconds),
+                          *(f"--set={o}" for o in args.set), *(["--recipe", args.recipe] if args.recipe else [])],
+                         env=child_env(variant), capture_output=True, text=True)
+    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    if out.returncode or not line:
+        print(out.stderr[-2000:], file=sys.stderr)
+        return None
+    return json.loads(line[0][7:])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="plain HF loop vs this trainer")
     parser.add_argument("--batch", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--seconds", type=float, default=12.0, help="timed seconds per variant")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds over the variants, interleaved; each variant reports its fastest round "
+                             "(for a machine shared with other work)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on CPU)")
     parser.add_argument("--variants", nargs="+", default=["plain-hf", "plain-hf+malloc", "trainer"],
                         help="which steps to time (trainer+compile: also with --compile)")
@@ -299,17 +319,22 @@ def main() -> int:
     variants = args.variants + (["trainer+compile"] if args.compile else [])
     results, failed = [], []
     for batch in args.batch:
-        for variant in variants:
-            console.print(f"running {variant} batch {batch} ...")
-            out = subprocess.run([sys.executable, __file__, "--child", variant, str(batch), "--seconds", str(args.seconds),
-                                  *(f"--set={o}" for o in args.set), *(["--recipe", args.recipe] if args.recipe else [])],
-                                 env=child_env(variant), capture_output=True, text=True)
-            line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-            if out.returncode or not line:
-                console.print(f"[red]{variant} batch {batch} failed[/red]\n{out.stderr[-2000:]}")
-                failed.append(f"{variant} batch {batch}")
-                continue
-            results.append(json.loads(line[0][7:]))
+        runs = {variant: [] for variant in variants}  # rounds interleave the variants: load elsewhere hits all alike
+        for round_ in range(args.repeat):
+            for variant in variants:
+                if f"{variant} batch {batch}" in failed:
+                    continue
+                console.print(f"running {variant} batch {batch}" + (f", round {round_ + 1}" if args.repeat > 1 else ""))
+                result = run_child(variant, batch, args)
+                if result is None:
+                    console.print(f"[red]{variant} batch {batch} failed[/red]")
+                    failed.append(f"{variant} batch {batch}")
+                else:
+                    runs[variant].append(result)
+        for variant, done in runs.items():
+            if done and f"{variant} batch {batch}" not in failed:  # its fastest round, with every round's figure
+                best = max(done, key=lambda r: r["tokens_per_s"])
+                results.append({**best, "rounds_tokens_per_s": [r["tokens_per_s"] for r in done]})
 
     import torch
 

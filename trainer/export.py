@@ -11,10 +11,28 @@ from trainer.checkpoint import CheckpointError, any_process_failed
 TOKENIZER_BYTES = 2**20  # vocab.txt + tokenizer.json of BERT's vocabulary, rounded up
 
 
+def master_state_dict(accelerator, model) -> dict:
+    """The model's state dict with the weights the optimizer trains: DeepSpeed in bf16/fp16 keeps the
+    module in that precision and the fp32 master weights in its (ZeRO-partitioned) optimizer, so those
+    are gathered instead (a collective: every process calls this)."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.distributed_type.value != "DEEPSPEED" or accelerator.mixed_precision not in ("bf16", "fp16"):
+        return state_dict
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = {}  # by parameter: tied weights stay one tensor
+    for name, param in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
+        if id(param) not in masters:
+            masters[id(param)] = safe_get_full_fp32_param(param)
+        if masters[id(param)] is not None and name in state_dict:
+            state_dict[name] = masters[id(param)].detach().to("cpu")
+    return state_dict
+
+
 def save_model(accelerator, model, tokenizer, model_dir: Path, resume_hint: str) -> None:
     """Save on the main process (FSDP/DeepSpeed shards are gathered first). A failure (a full disk)
     removes the partial directory and is one line naming the space needed; checkpoints stay intact."""
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = master_state_dict(accelerator, model)
     error = None
     if accelerator.is_main_process:
         state_dict = {k.removeprefix("mlm."): v for k, v in state_dict.items()}

@@ -67,13 +67,15 @@ def check_device_matches_launch() -> None:
 def check_plugins_match_recipe(accelerator, cfg) -> None:
     """The recipe decides accumulation and clipping: a DeepSpeed config that leaves them out (or "auto")
     gets the recipe's values; one that sets others is refused, since the loop groups and scales
-    micro-batches by the recipe. Muon needs whole matrices, so not FSDP's or ZeRO's shards."""
+    micro-batches by the recipe. Muon needs whole matrices, so not FSDP's or ZeRO's shards. FSDP gets a
+    mixed-precision policy that reduces in fp32; the compiled step's limits are refused here. Called
+    before `accelerator.prepare`."""
     from accelerate.utils import DistributedType
 
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if cfg.train.compile and (sharded or accelerator.mixed_precision == "fp16"):
-        raise ConfigError(f"train.compile compiles the step for one device or DDP in bf16/fp32, not with "
-                          f"{accelerator.distributed_type.value}/{accelerator.mixed_precision}: drop --train.compile")
+    check_compiled_step(accelerator, cfg, sharded)
+    if accelerator.distributed_type == DistributedType.FSDP and accelerator.mixed_precision in ("bf16", "fp16"):
+        set_fsdp_mixed_precision(accelerator.state.fsdp_plugin, accelerator.mixed_precision)
     if cfg.optim.name == "muon" and sharded:
         raise ConfigError(f"optim.name=muon needs whole weight matrices; {accelerator.distributed_type.value} "
                           f"shards them: use DDP (accelerate_configs/multi_gpu.yaml) or --optim.name=adamw")
@@ -90,6 +92,47 @@ def check_plugins_match_recipe(accelerator, cfg) -> None:
             raise ConfigError(f"the DeepSpeed config sets {key}={ds_config[key]} but the recipe has {recipe_key}="
                               f"{value}: remove {key} from the accelerate config (the recipe decides) or pass "
                               f"--{recipe_key}={ds_config[key]}")
+
+
+def uses_cuda_graphs(cfg, device_type: str) -> bool:
+    """The compiled step's forward and backward run as CUDA graphs: on a GPU, unless train.cuda_graphs=false."""
+    return cfg.train.compile and cfg.train.cuda_graphs and device_type == "cuda"
+
+
+def check_compiled_step(accelerator, cfg, sharded: bool) -> None:
+    """What the compiled step (trainer/step.py) cannot do, refused in one line each."""
+    if not cfg.train.compile:
+        return
+    if sharded:
+        raise ConfigError(f"train.compile compiles the step for one device or DDP, not "
+                          f"{accelerator.distributed_type.value}: drop --train.compile")
+    if accelerator.mixed_precision == "fp16":
+        raise ConfigError("train.compile's update does not unscale fp16 gradients (GradScaler): use "
+                          "--train.mixed_precision=no (what auto picks for it on GPUs without bf16), or drop "
+                          "--train.compile")
+    if uses_cuda_graphs(cfg, accelerator.device.type) and cfg.data.mask_count != "fixed":
+        raise ConfigError("train.compile with CUDA graphs needs one shape per step (Bernoulli masks give each "
+                          "step its own mask count, a graph each): add --data.mask_count=fixed, or "
+                          "--train.cuda_graphs=false")
+
+
+def set_fsdp_mixed_precision(plugin, precision: str) -> None:
+    """FSDP computes in `precision` but, like DDP, reduces gradients and returns its outputs in fp32.
+    Accelerate's policy casts all three to `precision`: the root's output cast would round the fp32
+    per-token loss to bf16, and gradients would be summed across ranks in bf16."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if plugin.fsdp_version == 2:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
+                                                             output_dtype=torch.float32)
+    else:
+        from torch.distributed.fsdp import MixedPrecision
+
+        plugin.mixed_precision_policy = MixedPrecision(param_dtype=dtype, reduce_dtype=torch.float32,
+                                                       buffer_dtype=torch.float32)
 
 
 def resolve_mixed_precision(choice: str, compiled: bool = False) -> str:
