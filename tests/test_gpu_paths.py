@@ -135,3 +135,36 @@ def test_copies_stay_non_blocking_after_a_mid_epoch_resume(make_config, monkeypa
     cfg.train.max_steps = 6
     summary = train(cfg, resume=str(Path(cfg.log.output_root) / "nb"))
     assert summary["steps"] == 6 and len(calls) >= 3 and all(calls), calls
+
+
+@pytest.mark.parametrize("driver, index", [("13.0", None), ("12.9", "cu128"), ("12.6", "cu126"), ("12.4", "error")])
+def test_make_install_picks_the_torch_build_the_gpu_driver_runs(driver, index):
+    from trainer.runtime import torch_index_for_driver
+
+    header = f"| NVIDIA-SMI 570.86.15   Driver Version: 570.86.15   CUDA Version: {driver}     |"
+    if index == "error":
+        with pytest.raises(ConfigError, match="supports CUDA 12.4; torch 2.13 needs 12.6 or newer: update the driver"):
+            torch_index_for_driver(header)
+    else:
+        found = torch_index_for_driver(header)
+        assert (found is None) if index is None else found.endswith(f"/whl/{index}")
+
+
+@pytest.mark.slow
+def test_make_gpu_check_runs_every_part_and_fails_naming_the_failed_ones(tmp_path):
+    """On a machine that claims a GPU (a fake nvidia-smi) but has none: the CUDA tests skip (pass), the
+    bench fails (a recipe that does not exist), the compiled run is refused; all three parts run, the target
+    exits 1 naming the two that failed."""
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'GPU 0: Fake GPU (UUID: GPU-0)'\n")
+    fake.chmod(0o755)
+    env = {**subprocess_env(), "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    result = subprocess.run(["make", "-o", ".venv/.installed", "gpu-check", "GPU_CHECK_BENCH=--recipe missing.py",
+                             f"ARGS=--log.output_root={tmp_path / 'runs'}"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    for part in ("1/3: CUDA tests", "2/3: GPU bench", "3/3: 3 epochs of recipes/scratch.py, compiled step"):
+        assert f"== gpu-check {part}" in output, output[-3000:]
+    assert "gpu-check FAILED: bench 3-epoch-run" in output, output[-3000:]

@@ -264,9 +264,40 @@ class StopRequest:
                 pass
 
 
-if __name__ == "__main__":  # `python -m trainer.runtime check-cuda`: the Makefile's check on GPU machines
+# torch 2.13's CUDA builds, newest first: (CUDA version the driver must support, pip index; None = PyPI's wheel).
+TORCH_CUDA_BUILDS = (((13, 0), None), ((12, 8), "https://download.pytorch.org/whl/cu128"),
+                     ((12, 6), "https://download.pytorch.org/whl/cu126"))
+
+
+def torch_index_for_driver(nvidia_smi: str) -> str | None:
+    """The pip index of the newest torch CUDA build that the driver runs, from `nvidia-smi`'s header
+    ("CUDA Version: 12.8"): PyPI's wheel (None) needs a CUDA 13 driver. Runs under any python3 (the
+    Makefile asks before the virtualenv exists): standard library only."""
+    import re
+
+    found = re.search(r"CUDA Version:\s*(\d+)\.(\d+)", nvidia_smi)
+    if not found:
+        return None
+    supported = (int(found[1]), int(found[2]))
+    for needed, index in TORCH_CUDA_BUILDS:
+        if supported >= needed:
+            return index
+    raise ConfigError(f"this NVIDIA driver supports CUDA {supported[0]}.{supported[1]}; torch 2.13 needs 12.6 or "
+                      f"newer: update the driver")
+
+
+if __name__ == "__main__":  # the Makefile's checks: `python -m trainer.runtime check-cuda | torch-index`
+    if sys.argv[1:] == ["torch-index"]:  # prints the index for `pip install --index-url`, or nothing for PyPI's
+        import subprocess
+
+        try:
+            print(torch_index_for_driver(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout) or "")
+        except (OSError, ConfigError) as e:
+            sys.exit(f"error: {e}")
+        sys.exit(0)
     import torch
 
     if sys.argv[1:] == ["check-cuda"] and not torch.cuda.is_available():
-        sys.exit(f"error: torch {torch.__version__} cannot use this machine's GPU; reinstall it with the CUDA build: "
-                 f"rm -rf .venv && make install TORCH_INDEX=https://download.pytorch.org/whl/cu128")
+        sys.exit(f"error: torch {torch.__version__} cannot use this machine's GPU (see `nvidia-smi`: its driver's "
+                 f"CUDA version); reinstall the build it runs: rm -rf .venv && make install "
+                 f"TORCH_INDEX=https://download.pytorch.org/whl/cu128 (or cu126)")
