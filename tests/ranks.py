@@ -8,6 +8,7 @@ Each raises on a failed check; rank 0 prints "OK <check>" when all held.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -105,7 +106,5 @@ def fsdp_policy() -> None:
 if __name__ == "__main__":
     check = sys.argv[1]
     {"nonfinite_agreement": nonfinite_agreement, "fsdp_policy": fsdp_policy}[check]()
-    import os
-
     if os.environ.get("RANK", "0") == "0":
         print(f"OK {check}", flush=True)

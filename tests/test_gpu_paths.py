@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, subprocess_env, write_recipe
 from trainer.config import ConfigError
-from trainer.loop import Trainer, train
+from trainer.loop import train
 from trainer.runtime import check_plugins_match_recipe
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
