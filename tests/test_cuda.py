@@ -26,6 +26,7 @@ def test_auto_precision_is_bf16_only_where_native():
 
     native = torch.cuda.get_device_capability()[0] >= 8
     assert resolve_mixed_precision("auto") == ("bf16" if native else "fp16")
+    assert resolve_mixed_precision("auto", compiled=True) == ("bf16" if native else "no")
 
 
 def test_a_training_step_never_waits_for_the_gpu(tiny_tokenizer_dir, monkeypatch):
@@ -42,7 +43,7 @@ def test_a_training_step_never_waits_for_the_gpu(tiny_tokenizer_dir, monkeypatch
     batches = [collator([(i * 8 + j, blocks[i * 8 + j]) for j in range(8)]) for i in range(8)]
     cfg = Config(model=ModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128))
     hf, _ = build_model(cfg.model, len(tokenizer))
-    step, _ = bench.trainer_step(cfg, hf, batches)
+    step, _, _ = bench.trainer_step(cfg, hf, batches)
     step(0)  # warm-up: allocations, cuBLAS handles
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -53,11 +54,17 @@ def test_a_training_step_never_waits_for_the_gpu(tiny_tokenizer_dir, monkeypatch
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_compiled_step_with_cuda_graphs_equals_eager_without_recompiles(tiny_tokenizer_dir, monkeypatch):
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_compiled_step_with_cuda_graphs_equals_eager_without_recompiles(tiny_tokenizer_dir, monkeypatch, grad_accum):
+    """CUDA graphs over forward and backward, the update compiled without them, gradients in stable
+    buffers: the eager step's losses (fp32, TF32 matmuls) with 1 and 2 micro-batches per step (pytorch#96693:
+    accumulation into gradients a graph replay overwrites), no recompile, a non-finite update moves nothing."""
     bench = load_bench()
     monkeypatch.setattr(bench, "tokenizer_source", lambda: str(tiny_tokenizer_dir))
-    result = bench.static_vs_dynamic(steps=100, batch=8, overrides=["train.mixed_precision=no"])
+    result = bench.static_vs_dynamic(steps=100, batch=8, overrides=["train.mixed_precision=no",
+                                                                     f"train.grad_accum={grad_accum}"])
     assert result["recompiles_after_warmup"] == 0 and result["max_abs_loss_diff"] < 3e-3, result
+    assert result["gradient_buffers_stable"] and result["nonfinite_update_kept_parameters"], result
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

@@ -61,8 +61,8 @@ def stopped_with_a_checkpoint(run_dir: Path, output: str, code: int = 143) -> in
     """The run stopped on the signal: summary.json says so, and a checkpoint holds the step it stopped at."""
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["exit_code"] == code, output[-3000:]
-    assert read_state(list_checkpoints(run_dir)[-1]).step == summary["steps"]
-    return summary["steps"]
+    assert read_state(list_checkpoints(run_dir)[-1]).step == summary["step"]
+    return summary["step"]
 
 
 def stop_like_docker(process: subprocess.Popen, init_pid: int) -> str:

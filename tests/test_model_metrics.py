@@ -56,6 +56,28 @@ def test_sparse_head_equals_the_dense_hf_loss_and_gradients(tiny_tokenizer):
         assert torch.allclose(param.grad, dense_grads[name], atol=1e-6), name
 
 
+def test_rows_grad_embedding_gives_the_tied_weight_the_same_dense_gradient(tiny_tokenizer, tmp_path):
+    from trainer.model import RowsGradEmbedding, use_rows_grad_embedding
+
+    model = tiny_bert(len(tiny_tokenizer))
+    blocks = torch.randint(5, len(tiny_tokenizer), (4, 16), dtype=torch.int32)
+    batch = MLMCollator(tiny_tokenizer)([(i, blocks[i]) for i in range(4)])
+    grads = []
+    for swap in (False, True):
+        if swap:
+            use_rows_grad_embedding(model)
+        model.zero_grad(set_to_none=True)
+        SparseMLM(model)(**batch)[0].mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    embeddings = model.get_input_embeddings()
+    assert type(embeddings) is RowsGradEmbedding and model.get_output_embeddings().weight is embeddings.weight
+    assert grads[1].keys() == grads[0].keys()
+    for name, grad in grads[1].items():
+        assert grad.layout == torch.strided and torch.allclose(grad, grads[0][name], atol=1e-7), name
+    model.save_pretrained(tmp_path)  # saved as plain BERT
+    assert type(BertForMaskedLM.from_pretrained(tmp_path).get_input_embeddings()) is torch.nn.Embedding
+
+
 def test_evaluate_matches_a_hand_computation_with_the_dense_model(tiny_tokenizer):
     from accelerate import Accelerator
 

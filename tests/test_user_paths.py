@@ -165,7 +165,7 @@ def test_make_keeps_the_trainer_status_and_line_and_passes_sigterm_on(user_env, 
     assert make.returncode == -signal.SIGTERM and "Traceback" not in output, output[-3000:]  # make re-raises it
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["exit_code"] == 143
-    assert read_state(list_checkpoints(run)[-1]).step == summary["steps"] < 300
+    assert read_state(list_checkpoints(run)[-1]).step == summary["step"] < 300
 
     resume = re.search(r"Resume with: (.*)", output).group(1).strip()
     assert resume == f".venv/bin/python -m trainer.launch --config_file accelerate_configs/cpu.yaml trainer/run.py --resume={run}"

@@ -128,11 +128,13 @@ class TrainConfig:
     grad_accum: int = option(1, "micro-batches per optimizer step")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = option(
         "auto", "auto = bf16 where the hardware runs it natively (CUDA compute capability 8+, CPU with "
-                "avx512_bf16/AMX), fp16 on older GPUs, else fp32")
+                "avx512_bf16/AMX; TRAINER_FAST_BF16=0/1 overrides), fp16 on older GPUs (fp32 for train.compile), "
+                "else fp32")
     compile: bool = option(
         False, "torch.compile the training step: forward, head, loss and backward, and clipping with the "
                "optimizer update (capturable AdamW, the learning rate a tensor); best with data.mask_count=fixed")
-    cuda_graphs: bool = option(True, "with train.compile on a GPU: CUDA graphs (mode=reduce-overhead)")
+    cuda_graphs: bool = option(True, "with train.compile on a GPU: forward and backward as CUDA graphs "
+                                     "(mode=reduce-overhead); needs data.mask_count=fixed")
     seed: int = option(42, "initial weights, data order, masks and dropout")
     eval_every: int = option(500, "evaluate every N optimizer steps (and at every epoch end); 0 = only then",
                              safe_on_resume=True)

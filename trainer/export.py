@@ -12,6 +12,24 @@ from trainer.rundir import read_json
 SMALL_FILES_BYTES = 16 * 2**10  # config.json, tokenizer_config.json and the model card
 
 
+def master_state_dict(accelerator, model) -> dict:
+    """The model's state dict with the weights the optimizer trains: DeepSpeed in bf16/fp16 keeps the
+    module in that precision and the fp32 master weights in its (ZeRO-partitioned) optimizer, so those
+    are gathered instead (a collective: every process calls this)."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.distributed_type.value != "DEEPSPEED" or accelerator.mixed_precision not in ("bf16", "fp16"):
+        return state_dict
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = {}  # by parameter: tied weights stay one tensor
+    for name, param in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
+        if id(param) not in masters:
+            masters[id(param)] = safe_get_full_fp32_param(param)
+        if masters[id(param)] is not None and name in state_dict:
+            state_dict[name] = masters[id(param)].detach().to("cpu")
+    return state_dict
+
+
 def trained_length(cfg, model_config, tokenizer) -> int:
     """The longest input the saved model handles: the positions it learned (the block size from scratch;
     a pretrained model's table, within its tokenizer's own limit). Saved as the tokenizer's
@@ -38,7 +56,7 @@ def save_model(accelerator, model, tokenizer, model_dir: Path, max_length: int, 
     """Save on the main process (FSDP/DeepSpeed shards are gathered first), into a temporary directory
     that replaces `model_dir` only once complete: a failure (a full disk) leaves the model saved before,
     if any, and is one line naming the space needed, then `after_failure` (what to do next)."""
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = master_state_dict(accelerator, model)
     error, needed = None, 0
     if accelerator.is_main_process:
         state_dict = {k.removeprefix("mlm."): v for k, v in state_dict.items()}

@@ -116,7 +116,7 @@ class Trainer:
         self.run_dir = shared
         self.accelerator = accelerator = Accelerator(
             cpu=force_cpu(),
-            mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+            mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision, compiled=cfg.train.compile),
             gradient_accumulation_steps=cfg.train.grad_accum,
             log_with=cfg.log.tracker or None,
             project_dir=str(self.run_dir),
@@ -286,7 +286,9 @@ class Trainer:
             self.collator.set_epoch(self.state.epoch)
             # Mid-epoch resume: skip the batches already trained on without loading or computing them.
             skip = self.state.batches_in_epoch
-            batches = iter(self.accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader)
+            loader = self.accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
+            loader._non_blocking = self.train_loader._non_blocking  # accelerate 1.15's skip_first_batches drops it
+            batches = iter(loader)
             while window := list(itertools.islice(batches, self.cfg.train.grad_accum)):
                 yield window
 

@@ -140,9 +140,13 @@ def model_flops_per_token(config, block_size: int, mlm_probability: float) -> fl
     return 3.0 * (encoder + head)
 
 
-# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by device name.
-GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-                 "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+# Dense tensor-core peaks (no sparsity), FLOP/s, by device name: (bf16/fp16, fp32). From compute
+# capability 8 on, fp32 matmuls run as TF32 (runtime.enable_tf32) at half the bf16 rate; V100 and T4
+# have fp16 tensor cores only (bf16 is emulated) and plain fp32 units.
+GPU_PEAKS = {"H200": (989e12, 494e12), "H100": (989e12, 494e12), "A100": (312e12, 156e12),
+             "L40S": (362e12, 181e12), "L4": (121e12, 60e12), "A10": (125e12, 62e12),
+             "RTX 4090": (165e12, 82e12), "RTX 3090": (71e12, 35e12), "V100": (125e12, 15.7e12),
+             "T4": (65e12, 8.1e12)}
 
 
 @functools.cache
@@ -151,8 +155,8 @@ def peak_flops(device_type: str, precision: str) -> float | None:
     matmuls in the run's precision, measured once per process (other load on the machine lowers it)."""
     if device_type == "cuda":
         name = torch.cuda.get_device_name()
-        peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
-        return peak if precision in ("bf16", "fp16") or peak is None else peak / 2  # tf32: half rate
+        low, fp32 = next((v for k, v in GPU_PEAKS.items() if k in name), (None, None))
+        return low if precision in ("bf16", "fp16") else fp32
     if device_type != "cpu":
         return None
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32

@@ -89,14 +89,16 @@ def check_fsdp_available() -> None:
 def check_plugins_match_recipe(accelerator, cfg) -> None:
     """The recipe decides accumulation and clipping: a DeepSpeed config that leaves them out (or "auto")
     gets the recipe's values; one that sets others is refused, since the loop groups and scales
-    micro-batches by the recipe. Muon needs whole matrices, so not FSDP's or ZeRO's shards."""
+    micro-batches by the recipe. Muon needs whole matrices, so not FSDP's or ZeRO's shards. FSDP gets a
+    mixed-precision policy that reduces in fp32; the compiled step's limits are refused here. Called
+    before `accelerator.prepare`."""
     from accelerate.utils import DistributedType
 
     sharded = (accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
                or env_flag("ACCELERATE_USE_FSDP") or env_flag("ACCELERATE_USE_DEEPSPEED"))  # however it was asked for
-    if cfg.train.compile and (sharded or accelerator.mixed_precision == "fp16"):
-        raise ConfigError(f"train.compile compiles the step for one device or DDP in bf16/fp32, not with "
-                          f"{accelerator.distributed_type.value}/{accelerator.mixed_precision}: drop --train.compile")
+    check_compiled_step(accelerator, cfg, sharded)
+    if accelerator.distributed_type == DistributedType.FSDP and accelerator.mixed_precision in ("bf16", "fp16"):
+        set_fsdp_mixed_precision(accelerator.state.fsdp_plugin, accelerator.mixed_precision)
     if cfg.optim.name == "muon" and sharded:
         kind = "FSDP" if env_flag("ACCELERATE_USE_FSDP") else accelerator.distributed_type.value
         raise ConfigError(f"optim.name=muon needs whole weight matrices; {kind} "
@@ -116,20 +118,86 @@ def check_plugins_match_recipe(accelerator, cfg) -> None:
                               f"--{recipe_key}={ds_config[key]}")
 
 
-def resolve_mixed_precision(choice: str) -> str:
-    """'auto' -> bf16 where the hardware runs it natively (CUDA compute capability 8+, a CPU with
-    avx512_bf16/AMX), fp16 on older GPUs, else fp32."""
+def uses_cuda_graphs(cfg, device_type: str) -> bool:
+    """The compiled step's forward and backward run as CUDA graphs: on a GPU, unless train.cuda_graphs=false."""
+    return cfg.train.compile and cfg.train.cuda_graphs and device_type == "cuda"
+
+
+def check_compiled_step(accelerator, cfg, sharded: bool) -> None:
+    """What the compiled step (trainer/step.py) cannot do, refused in one line each."""
+    if not cfg.train.compile:
+        return
+    if sharded:
+        raise ConfigError(f"train.compile compiles the step for one device or DDP, not "
+                          f"{accelerator.distributed_type.value}: drop --train.compile")
+    if accelerator.mixed_precision == "fp16":
+        raise ConfigError("train.compile's update does not unscale fp16 gradients (GradScaler): use "
+                          "--train.mixed_precision=no (what auto picks for it on GPUs without bf16), or drop "
+                          "--train.compile")
+    if uses_cuda_graphs(cfg, accelerator.device.type) and cfg.data.mask_count != "fixed":
+        raise ConfigError("train.compile with CUDA graphs needs one shape per step (Bernoulli masks give each "
+                          "step its own mask count, a graph each): add --data.mask_count=fixed, or "
+                          "--train.cuda_graphs=false")
+
+
+def set_fsdp_mixed_precision(plugin, precision: str) -> None:
+    """FSDP computes in `precision` but, like DDP, reduces gradients and returns its outputs in fp32.
+    Accelerate's policy casts all three to `precision`: the root's output cast would round the fp32
+    per-token loss to bf16, and gradients would be summed across ranks in bf16."""
     import torch
 
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if plugin.fsdp_version == 2:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
+                                                             output_dtype=torch.float32)
+    else:
+        from torch.distributed.fsdp import MixedPrecision
+
+        plugin.mixed_precision_policy = MixedPrecision(param_dtype=dtype, reduce_dtype=torch.float32,
+                                                       buffer_dtype=torch.float32)
+
+
+def resolve_mixed_precision(choice: str, compiled: bool = False) -> str:
+    """'auto' -> bf16 where the hardware runs it natively (`fast_bf16`), else fp16 on a GPU (fp32 for a
+    compiled step, whose update does not unscale fp16 gradients), fp32 on a CPU."""
     use_cuda = cuda_in_use()
     if choice == "fp16" and not use_cuda:
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU (Accelerate would silently train in fp32 "
                           "on CPU); use --train.mixed_precision=bf16 or no")
     if choice != "auto":
         return choice
-    if use_cuda:  # V100/T4 report bf16 "supported" but emulate it, slower than fp16
-        return "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"
-    return "bf16" if cpu_has_fast_bf16() else "no"
+    if fast_bf16("cuda" if use_cuda else "cpu"):
+        return "bf16"
+    return "fp16" if use_cuda and not compiled else "no"
+
+
+FAST_BF16_ENV = "TRAINER_FAST_BF16"
+
+
+def fast_bf16(device_type: str) -> bool:
+    """Whether the device runs bf16 matmuls natively: a GPU of compute capability 8+ (V100/T4 report bf16
+    "supported" but emulate it), a CPU with avx512_bf16 or AMX (without them a bf16 matmul is ~50x slower
+    than fp32). The one rule behind `mixed_precision=auto` and Muon's Newton-Schulz precision.
+    TRAINER_FAST_BF16=0 or 1 overrides the detection."""
+    override = os.environ.get(FAST_BF16_ENV, "").strip().lower()
+    if override:
+        if override not in ("0", "1", "true", "false", "yes", "no"):
+            raise ConfigError(f"{FAST_BF16_ENV}={override!r}: use 1 (bf16 is fast here) or 0 (compute in fp32)")
+        return override in ("1", "true", "yes")
+    if device_type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_capability()[0] >= 8
+    return device_type == "cpu" and cpu_has_fast_bf16()
+
+
+def fast_matmul_dtype(device_type: str):
+    """The low-precision dtype worth computing in on this device: bf16 where it is native, else fp32."""
+    import torch
+
+    return torch.bfloat16 if fast_bf16(device_type) else torch.float32
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -257,9 +325,40 @@ class StopRequest:
                 pass
 
 
-if __name__ == "__main__":  # `python -m trainer.runtime check-cuda`: the Makefile's check on GPU machines
+# torch 2.13's CUDA builds, newest first: (CUDA version the driver must support, pip index; None = PyPI's wheel).
+TORCH_CUDA_BUILDS = (((13, 0), None), ((12, 8), "https://download.pytorch.org/whl/cu128"),
+                     ((12, 6), "https://download.pytorch.org/whl/cu126"))
+
+
+def torch_index_for_driver(nvidia_smi: str) -> str | None:
+    """The pip index of the newest torch CUDA build that the driver runs, from `nvidia-smi`'s header
+    ("CUDA Version: 12.8"): PyPI's wheel (None) needs a CUDA 13 driver. Runs under any python3 (the
+    Makefile asks before the virtualenv exists): standard library only."""
+    import re
+
+    found = re.search(r"CUDA Version:\s*(\d+)\.(\d+)", nvidia_smi)
+    if not found:
+        return None
+    supported = (int(found[1]), int(found[2]))
+    for needed, index in TORCH_CUDA_BUILDS:
+        if supported >= needed:
+            return index
+    raise ConfigError(f"this NVIDIA driver supports CUDA {supported[0]}.{supported[1]}; torch 2.13 needs 12.6 or "
+                      f"newer: update the driver")
+
+
+if __name__ == "__main__":  # the Makefile's checks: `python -m trainer.runtime check-cuda | torch-index`
+    if sys.argv[1:] == ["torch-index"]:  # prints the index for `pip install --index-url`, or nothing for PyPI's
+        import subprocess
+
+        try:
+            print(torch_index_for_driver(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout) or "")
+        except (OSError, ConfigError) as e:
+            sys.exit(f"error: {e}")
+        sys.exit(0)
     import torch
 
     if sys.argv[1:] == ["check-cuda"] and not torch.cuda.is_available():
-        sys.exit(f"error: torch {torch.__version__} cannot use this machine's GPU; reinstall it with the CUDA build: "
-                 f"rm -rf .venv && make install TORCH_INDEX=https://download.pytorch.org/whl/cu128")
+        sys.exit(f"error: torch {torch.__version__} cannot use this machine's GPU (see `nvidia-smi`: its driver's "
+                 f"CUDA version); reinstall the build it runs: rm -rf .venv && make install "
+                 f"TORCH_INDEX=https://download.pytorch.org/whl/cu128 (or cu126)")

@@ -18,12 +18,15 @@ import torch
 
 from trainer.config import Config
 from trainer.metrics import MLMTotals
+from trainer.muon import Muon
+from trainer.runtime import fast_matmul_dtype, uses_cuda_graphs
 
 
 def build_optimizer(model, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
     """AdamW with no weight decay on biases and LayerNorm weights (BERT's recipe); with optim.name=muon,
     torch's Muon on the hidden matrices instead (all 2-D weights but the embeddings, which are also the
-    tied output projection), both behind one `Optimizers` that the schedule and Accelerate see as one."""
+    tied output projection; Newton-Schulz in bf16 where the device runs it natively, else fp32), both
+    behind one `Optimizers` that the schedule and Accelerate see as one."""
     o = cfg.optim
     decay, no_decay, hidden = [], [], []
     for name, param in model.named_parameters():
@@ -42,8 +45,8 @@ def build_optimizer(model, cfg: Config, device: torch.device) -> torch.optim.Opt
         adamw = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
     if not hidden:
         return adamw
-    muon = torch.optim.Muon(hidden, lr=o.muon_lr, weight_decay=o.weight_decay, momentum=o.muon_momentum,
-                            ns_steps=o.muon_ns_steps)
+    muon = Muon(hidden, ns_dtype=fast_matmul_dtype(device.type), lr=o.muon_lr, weight_decay=o.weight_decay,
+                momentum=o.muon_momentum, ns_steps=o.muon_ns_steps)
     return Optimizers(adamw, muon)
 
 
@@ -94,6 +97,16 @@ def build_scheduler(optimizer, cfg: Config, total_steps: int):
                                                         "decay_type": "linear"})
     name = "constant_with_warmup" if o.schedule == "constant" else o.schedule
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def step_grad_norm(accelerator, model, max_norm: float) -> torch.Tensor:
+    """Clip to `max_norm` and return the norm before clipping, as a device tensor. DeepSpeed clips inside
+    its engine: its norm is read from the engine, not through Accelerate's wrapper (an `.item()` each step)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return grad_norm_tensor(accelerator.deepspeed_engine_wrapped.engine.get_global_grad_norm(), accelerator.device)
+    return grad_norm_tensor(accelerator.clip_grad_norm_(model.parameters(), max_norm), accelerator.device)
 
 
 def grad_norm_tensor(grad_norm, device: torch.device) -> torch.Tensor:
@@ -182,10 +195,19 @@ class TrainStep:
     """Forward and backward over the micro-batches of one optimizer step, clipping, the guarded
     optimizer update and the schedule step.
 
+    With several processes every rank decides on the sum of all ranks' losses whether the step is
+    non-finite (gradients are all-reduced, losses are not): one rank's inf loss skips the step everywhere,
+    so the replicas never diverge.
+
     With `train.compile`, torch.compile builds the forward, head and loss (and through AOTAutograd the
-    backward), and the clipping with the update; on a GPU with CUDA graphs. A static shape
-    (`data.mask_count=fixed`) compiles once. A non-finite step there zeroes the gradients and the
-    learning rate on the device: the parameters stay as they were, Adam's moments decay one step.
+    backward), and the clipping with the update. A static shape (`data.mask_count=fixed`) compiles
+    once. On a GPU the forward and backward run as CUDA graphs (`train.cuda_graphs`, which needs that
+    static shape); the update is compiled without them, so the learning rate (a tensor the schedule
+    fills in place) and the gradients are plain inputs. The gradients live in buffers allocated here,
+    outside any CUDA-graph memory pool, and are zeroed, never freed: each backward adds into them in
+    place, so no graph replay can overwrite a gradient the update has yet to read. A non-finite step
+    there zeroes the gradients and the learning rate on the device: the parameters stay as they were,
+    Adam's moments decay one step.
     """
 
     def __init__(self, accelerator, model, optimizer, scheduler, cfg: Config, nonfinite_in_a_row: int = 0):
@@ -193,14 +215,16 @@ class TrainStep:
         self.seed, self.grad_accum = cfg.train.seed, cfg.train.grad_accum
         self.max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         self.guard = NonFiniteGuard(accelerator, optimizer, in_a_row=nonfinite_in_a_row)
-        self.forward_loss, self.update = forward_loss, None
+        self.forward_loss, self.update, self.free_grads = forward_loss, None, True
         if cfg.train.compile:
-            cuda_graphs = accelerator.device.type == "cuda" and cfg.train.cuda_graphs
-            options = dict(dynamic=False if cfg.data.mask_count == "fixed" else None,
-                           mode="reduce-overhead" if cuda_graphs else None)
+            dynamic = False if cfg.data.mask_count == "fixed" else None
             self.params = [p for p in model.parameters() if p.requires_grad]
-            self.forward_loss = torch.compile(forward_loss, **options)
-            self.update = torch.compile(self.clip_and_update, **options)
+            for param in self.params:  # stable gradient buffers (see above)
+                param.grad = torch.zeros_like(param)
+            self.free_grads = False
+            self.forward_loss = torch.compile(forward_loss, dynamic=dynamic, mode="reduce-overhead"
+                                              if uses_cuda_graphs(cfg, accelerator.device.type) else None)
+            self.update = torch.compile(self.clip_and_update, dynamic=dynamic)
 
     def __call__(self, window: list[dict], step: int) -> StepResult:
         accelerator, model = self.accelerator, self.model
@@ -218,16 +242,18 @@ class TrainStep:
                 loss, token_loss, rank = self.forward_loss(model, batch, num_items, scale)
                 accelerator.backward(loss)
                 totals.add(token_loss, rank)
+        loss_sum = totals.loss_sum  # what decides a non-finite step: the same on every rank
+        if accelerator.num_processes > 1:
+            loss_sum = accelerator.reduce(loss_sum, reduction="sum")
         if self.update is not None:
-            grad_norm, bad = self.update(totals.loss_sum)
+            grad_norm, bad = self.update(loss_sum)
             updated = self.guard.record(bad)
         else:
-            grad_norm = grad_norm_tensor(accelerator.clip_grad_norm_(model.parameters(), self.max_norm),
-                                         accelerator.device)
-            updated = self.guard.step(self.optimizer, grad_norm, totals.loss_sum)
+            grad_norm = step_grad_norm(accelerator, model, self.max_norm)
+            updated = self.guard.step(self.optimizer, grad_norm, loss_sum)
         if self.scheduler is not None:
             self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.free_grads)
         return StepResult(totals, grad_norm, updated)
 
     def clip_and_update(self, loss_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
