@@ -27,9 +27,10 @@ MODELS ?= $(addsuffix model,$(RUNS))
 
 # Multi-process configs leave the process count to the launcher; CPU multi-process runs say so explicitly.
 # trainer.launch is `accelerate launch` keeping the trainer's exit status and stop signals (README); `exec`
-# makes it make's own child, to which make passes a SIGTERM on.
-LAUNCH = exec env $(if $(findstring cpu_,$(ACCEL_CONFIG)),ACCELERATE_USE_CPU=1) $(PY) -m trainer.launch --config_file $(ACCEL_CONFIG) \
+# makes it make's own child, to which make passes a SIGTERM on (LAUNCH_IN_SCRIPT: inside a longer recipe).
+LAUNCH_IN_SCRIPT = env $(if $(findstring cpu_,$(ACCEL_CONFIG)),ACCELERATE_USE_CPU=1) $(PY) -m trainer.launch --config_file $(ACCEL_CONFIG) \
 	$(if $(filter %cpu.yaml %single_gpu.yaml %cpu_2proc.yaml,$(ACCEL_CONFIG)),,--num_processes $(NUM_PROCESSES)) trainer/run.py
+LAUNCH = exec $(LAUNCH_IN_SCRIPT)
 OFFLINE = $$($(PY) -m trainer.hub $(1) $(ARGS))
 
 .PHONY: install scratch scratch-tuned scratch-fast finetune train tokenizer test test-browser bench bench-data gpu-check bench-plain ablate compare fillmask \
@@ -105,7 +106,7 @@ gpu-check: install
 	echo "== gpu-check 2/3: GPU bench"; \
 	$(PY) bench/bench.py $(GPU_CHECK_BENCH) || failed="$$failed bench"; \
 	echo "== gpu-check 3/3: 3 epochs of recipes/scratch.py, compiled step"; \
-	$(LAUNCH) recipes/scratch.py $(call OFFLINE,scratch) --log.tracker=none --train.compile=true \
+	$(LAUNCH_IN_SCRIPT) recipes/scratch.py $(call OFFLINE,scratch) --log.tracker=none --train.compile=true \
 		--data.mask_count=fixed --data.num_workers=2 --log.run_name=gpu-check-$$(date +%Y%m%d-%H%M%S) $(ARGS) \
 		|| failed="$$failed 3-epoch-run"; \
 	if [ -n "$$failed" ]; then echo "gpu-check FAILED:$$failed"; exit 1; fi; \

@@ -327,3 +327,21 @@ def test_a_tokenizer_without_a_mask_token_is_refused(make_config, tmp_path, caps
     cfg = make_config(data={"tokenizer": str(tmp_path / "tok")})
     assert main([str(write_recipe(tmp_path / "recipe.py", cfg))]) == 2
     assert "has no mask token, which masked-language modelling needs" in capsys.readouterr().err
+
+
+def test_a_mid_epoch_resume_reads_only_the_blocks_it_trains_on(make_config, monkeypatch):
+    from trainer.data.store import Blocks
+
+    cfg = make_config(train={"epochs": 1, "max_steps": 3, "save_every": 3}, log={"run_name": "skip"})
+    train(cfg)
+    reads = []
+    real = Blocks.__getitem__
+    monkeypatch.setattr(Blocks, "__getitem__", lambda self, i: reads.append(self.path) or real(self, i))
+    cfg.train.max_steps = 5
+    summary = train(cfg, resume=str(Path(cfg.log.output_root) / "skip"))
+    assert summary["step"] == 5
+    from trainer.data import load_tokenizer
+
+    train_file = load_blocks(cfg.data, load_tokenizer(cfg.data.tokenizer), "train", log=lambda *_: None).blocks.path
+    # Steps 4 and 5, plus the one batch Accelerate's loader fetches ahead; the 3 skipped batches are not read.
+    assert reads.count(train_file) == 3 * cfg.train.batch_size

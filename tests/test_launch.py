@@ -160,7 +160,7 @@ def test_a_live_run_refuses_a_second_resume_until_it_is_killed(make_config, tmp_
 
     last = read_state(list_checkpoints(run_dir)[-1]).step
     assert main([f"--resume={run_dir}", f"--train.max_steps={last + 2}"]) == 0
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == last + 2
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == last + 2
 
 
 def test_fsdp_without_cuda_is_refused_in_one_line(make_config, tmp_path):

@@ -276,7 +276,7 @@ def test_deepspeed_zero2_two_processes_train_like_one_process_with_twice_the_bat
     result = subprocess.run(command, cwd=REPO, env={**subprocess_env(), "TRAINER_ALLOW_CPU": "1"}, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "processes 2 (DEEPSPEED)" in result.stdout  # one process group of 2, not two runs of 1
+    assert "2 processes (DeepSpeed)" in result.stdout  # one process group of 2, not two runs of 1
     root = Path(one.log.output_root)
     assert {p.name for p in (root / "ds2" / "checkpoints" / "step-000006" / "pytorch_model").glob("*optim_states.pt")} == {
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}  # ZeRO: one shard per rank

@@ -266,7 +266,7 @@ def test_entry_point_reports_bad_input_in_one_line(make_config, tmp_path, capsys
     cases = {
         (str(tmp_path / "missing.py"),): "recipe file not found",
         (str(recipe), "--optim.lr=abc"): "bad value for optim.lr",
-        (str(recipe), "--data.dataset=" + str(tmp_path / "nowhere")): "dataset directory not found",
+        (str(recipe), "--data.dataset=" + str(tmp_path / "nowhere")): "data not found: ",
         (str(recipe), "--data.block_size=128"): "exceeds model.max_position_embeddings=64",
         (str(recipe), "--resume=" + str(tmp_path)): "not a checkpoint, nor a run directory",
     }
