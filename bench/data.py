@@ -6,10 +6,11 @@ training on it, against HF run_mlm's tokenize + group_texts.
 
 The corpora are reproducible: lines of the offline WikiText-2 files (train, validation, test), shuffled
 with a fixed seed and repeated until the size is reached, written under --workdir. Every measurement
-runs in its own process; peak RSS is the sum over the process and its workers, sampled every 50 ms.
+runs in its own process; peak memory is the PSS summed over the process and its workers (shared
+pages counted once), sampled every 100 ms.
 Measured per corpus size: tokenizing with 1 and with N processes (a cold cache: wall time, MB/s,
-tokens/s, peak RSS), a warm start (the same command with the cache built), and 50 training steps of
-recipes/scratch.py on the corpus (peak RSS); beside them run_mlm's tokenize_function + group_texts (its
+tokens/s, peak memory), a warm start (the same command with the cache built), and 50 training steps of
+recipes/scratch.py on the corpus (peak memory); beside them run_mlm's tokenize_function + group_texts (its
 code path ported, `datasets.map` with num_proc) on the smallest corpus. Writes bench/results/data-<time>.json.
 """
 
@@ -55,7 +56,8 @@ def build_corpus(path: Path, megabytes: int, seed: int = 0) -> Path:
 
 
 def measured(command: list[str]) -> dict:
-    """Run `command`; wall time, its peak RSS summed over the process tree, and the JSON it prints last."""
+    """Run `command`; wall time, its peak memory summed over the process tree (PSS: pages shared by forked
+    workers counted once), and the JSON it prints last."""
     import psutil
 
     started = time.perf_counter()
@@ -63,16 +65,26 @@ def measured(command: list[str]) -> dict:
     root, peak = psutil.Process(process.pid), 0
     while process.poll() is None:
         try:
-            tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            peak = max(peak, sum(pss_bytes(p.pid) for p in [root, *root.children(recursive=True)]))
         except psutil.Error:
             pass
-        time.sleep(0.05)
+        time.sleep(0.1)
     output = process.stdout.read()
     if process.returncode != 0:
         raise SystemExit(f"failed ({process.returncode}): {' '.join(command)}\n{output[-3000:]}")
     result = next((json.loads(l) for l in reversed(output.splitlines()) if l.startswith("{")), {})
-    return {**result, "wall_s": round(time.perf_counter() - started, 2), "peak_rss_gb": round(peak / 2**30, 3)}
+    return {**result, "wall_s": round(time.perf_counter() - started, 2), "peak_pss_gb": round(peak / 2**30, 3)}
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size from /proc/PID/smaps_rollup (cheap to read, unlike the full smaps)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 # --------------------------------------------------------------------------- what each child process runs
@@ -130,7 +142,7 @@ def tokenize_runs(corpus: Path, workdir: Path, procs: list[int]) -> list[dict]:
         rows.append({"corpus_mb": round(size_mb), "procs": n, "cold": cold, "warm": warm,
                      "mb_per_s": round(size_mb / cold["load_s"], 2), "tokens_per_s": round(cold["tokens"] / cold["load_s"])})
         print(f"{size_mb:,.0f} MB, {n} process(es): tokenized in {cold['load_s']:.1f} s ({rows[-1]['mb_per_s']} MB/s, "
-              f"{rows[-1]['tokens_per_s']:,} tokens/s), peak RSS {cold['peak_rss_gb']} GB; warm start "
+              f"{rows[-1]['tokens_per_s']:,} tokens/s), peak memory {cold['peak_pss_gb']} GB; warm start "
               f"{warm['load_s']:.2f} s in a {warm['wall_s']:.1f} s process", flush=True)
         if n != procs[-1]:
             shutil.rmtree(cache, ignore_errors=True)
@@ -145,7 +157,7 @@ def training_run(corpus: Path, workdir: Path, cache: Path, steps: int) -> dict:
                f"--train.max_steps={steps}", "--train.eval_every=0", "--data.max_eval_blocks=8", "--log.tracker=none",
                f"--log.output_root={out}", "--train.log_every=10"]
     result = measured(command)
-    print(f"{corpus.stat().st_size / 1e6:,.0f} MB: {steps} training steps, peak RSS {result['peak_rss_gb']} GB "
+    print(f"{corpus.stat().st_size / 1e6:,.0f} MB: {steps} training steps, peak memory {result['peak_pss_gb']} GB "
           f"({result['wall_s']:.0f} s with start-up)", flush=True)
     shutil.rmtree(out, ignore_errors=True)
     return {"corpus_mb": round(corpus.stat().st_size / 1e6), "steps": steps, **result}
@@ -173,7 +185,7 @@ def main() -> None:
                 row.update(corpus_mb=size, procs=n, mb_per_s=round(corpus.stat().st_size / 1e6 / row["load_s"], 2))
                 report["run_mlm"].append(row)
                 print(f"run_mlm tokenize + group_texts, {size} MB, {n} process(es): {row['load_s']:.1f} s "
-                      f"({row['mb_per_s']} MB/s), peak RSS {row['peak_rss_gb']} GB", flush=True)
+                      f"({row['mb_per_s']} MB/s), peak memory {row['peak_pss_gb']} GB", flush=True)
                 shutil.rmtree(cache, ignore_errors=True)
     out = REPO / "bench" / "results" / f"data-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ stream of chunks of documents; nothing here holds a whole file in memory (but a 
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import gzip
 import json
@@ -123,6 +124,13 @@ def choose_column(strings: list[str], columns: list[str], wanted: str, where: st
 
 
 def file_digest(path: Path) -> str:
+    """SHA-256 of the file's content (about 2 s per GB), computed once per process for an unchanged file."""
+    stat = path.stat()
+    return content_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+@functools.lru_cache(maxsize=4096)
+def content_digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
     import hashlib
 
     with open(path, "rb") as f:
