@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from trainer.budget import parse_duration, parse_tokens
+
 
 class ConfigError(ValueError):
     """A user mistake in a recipe or an override; reported as one line, without a traceback."""
@@ -121,8 +123,15 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = option(3, "passes over the training blocks")
-    max_steps: int | None = option(None, "stop after this many optimizer steps (the schedule still spans "
-                                          "all epochs)", safe_on_resume=True)
+    max_steps: int | None = option(None, "stop after this many optimizer steps (the schedule still spans the "
+                                          "whole run, and a warning says so: train.token_budget fits it)",
+                                   safe_on_resume=True)
+    token_budget: str | None = option(
+        None, "size the run in input tokens (500000, 500k, 1.5M): the step count and the learning-rate schedule "
+              "fit the budget (never past it), train.epochs is ignored")
+    time_budget: str | None = option(
+        None, "size the run in wall time (600, 90s, 10m, 1.5h): the schedule follows the fraction of the budget "
+              "spent and the run stops when it is spent (evaluations and saves count; a resume continues it)")
     batch_size: int = option(8, "blocks per process per micro-batch")
     eval_batch_size: int = option(16, "blocks per evaluation batch", safe_on_resume=True)
     grad_accum: int = option(1, "micro-batches per optimizer step")
@@ -232,6 +241,8 @@ class Config:
              f"optim.decay_ratio={o.decay_ratio} must be in (0, 1], and with warmup_ratio at most 1"),
             (t.epochs >= 1, f"train.epochs={t.epochs} must be at least 1"),
             (t.max_steps is None or t.max_steps >= 1, f"train.max_steps={t.max_steps} must be at least 1"),
+            (not (t.token_budget and t.time_budget), "train.token_budget and train.time_budget both size the run: "
+                                                     "give one"),
             (t.batch_size >= 1 and t.eval_batch_size >= 1 and t.grad_accum >= 1,
              "train.batch_size, train.eval_batch_size and train.grad_accum must be at least 1"),
             (t.log_every >= 1, f"train.log_every={t.log_every} must be at least 1"),
@@ -244,6 +255,12 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        for key, parse in (("token_budget", parse_tokens), ("time_budget", parse_duration)):
+            if getattr(t, key) is not None:
+                try:
+                    parse(getattr(t, key))
+                except ValueError as e:
+                    raise ConfigError(f"bad value for train.{key}: {e}") from None
         return self
 
     def to_dict(self) -> dict:

@@ -132,6 +132,7 @@ SUMMARY_ROWS = [("steps", "step"), ("epochs", "epoch"), ("tokens seen", "tokens"
                 ("final val perplexity", "eval/perplexity"), ("final val accuracy", "eval/accuracy"),
                 ("best val loss", "eval/best_loss"), ("best val perplexity", "eval/best_perplexity"),
                 ("peak lr, AdamW", "peak_lr/adamw"), ("peak lr, Muon", "peak_lr/muon"), ("wall time (s)", "time_s"),
+                ("token budget", "budget/tokens"), ("time budget (s)", "budget/time_s"), ("budget used", "budget/used"),
                 ("train tokens/s", "train/tokens_per_s"), ("MFU", "train/mfu"), ("model", "model_dir")]
 
 

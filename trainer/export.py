@@ -112,13 +112,17 @@ def write_model_card(model_dir: Path, cfg, summary: dict, model_config, samples:
         eval_results=[EvalResult(task_type="fill-mask", dataset_type=dataset, dataset_name=dataset,
                                  dataset_config=data.dataset_config, dataset_split="validation", metric_type=name,
                                  metric_value=summary[key]) for name, key in metrics if summary.get(key) is not None])
-    rows = "\n".join(f"| {name} | {fmt(summary.get(key))} |" for name, key in SUMMARY_ROWS if key != "model_dir")
+    rows = "\n".join(f"| {name} | {fmt(summary.get(key))} |" for name, key in SUMMARY_ROWS
+                     if key != "model_dir" and not (key.startswith("budget/") and summary.get(key) is None))
     sample_rows = "\n".join(f"| {probe} | {predictions} |" for probe, predictions, *_ in samples or [])
     max_length = read_json(model_dir / "tokenizer_config.json").get("model_max_length")
     started = (f"Started from `{cfg.model.pretrained}`" if cfg.model.pretrained else "Trained from scratch")
     if cfg.model.init_from:
         started += f", from the weights of the checkpoint `{cfg.model.init_from}`"
-    planned = f"{cfg.train.epochs} epochs planned" + (f", at most {cfg.train.max_steps:,} steps" if cfg.train.max_steps else "")
+    t = cfg.train
+    planned = (f"a token budget of {t.token_budget}" if t.token_budget else f"a time budget of {t.time_budget}"
+               if t.time_budget else f"{t.epochs} epochs") + " planned" + (
+        f", at most {t.max_steps:,} steps" if t.max_steps else "")
     body = f"""
 # {summary['run_id']}
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
+from trainer.budget import TimeBudget, budget_steps, parse_duration, parse_tokens, progress_schedule
 from trainer.checkpoint import (TrainState, best_checkpoint, load_checkpoint, parameters_finite, read_state,
                                 remove_partial_saves, save_checkpoint, set_aside_later_checkpoints)
 from trainer.config import Config, ConfigError, load_recipe
@@ -200,11 +201,39 @@ class Trainer:
         self.model, self.optimizer, self.train_loader, self.eval_loader = accelerator.prepare(
             model, optimizer, self.train_loader, self.eval_loader)
         self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.train.grad_accum)
-        self.total_steps = self.steps_per_epoch * cfg.train.epochs
-        self.last_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
-        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
+        self.plan_length()
         accelerator.register_for_checkpointing(self.scheduler)
         self.flops_per_token = model_flops_per_token(hf_model.config, cfg.data.block_size, cfg.data.mlm_probability)
+
+    def plan_length(self) -> None:
+        """The run's length and the schedule that spans it: epochs, the steps a token budget holds, or a
+        time budget (open-ended: the schedule follows the time spent, see budget.py)."""
+        t, o = self.cfg.train, self.cfg.optim
+        self.tokens_per_batch = t.batch_size * self.cfg.data.block_size * self.accelerator.num_processes
+        self.time_budget = None
+        if t.time_budget:
+            self.time_budget = TimeBudget(parse_duration(t.time_budget), elapsed=0.0, step=0)
+            self.total_steps = None
+            self.scheduler = progress_schedule(self.optimizer, o.schedule, o.warmup_ratio, o.decay_ratio,
+                                               lambda steps_done: self.time_budget.progress(steps_done))
+        else:
+            self.total_steps = (budget_steps(parse_tokens(t.token_budget), self.tokens_per_batch * t.grad_accum)
+                                if t.token_budget else self.steps_per_epoch * t.epochs)
+            self.scheduler = build_scheduler(self.optimizer, self.cfg, self.total_steps)
+        ends = [n for n in (self.total_steps, t.max_steps) if n]
+        self.last_step = min(ends) if ends else None  # None: when the time budget is spent
+
+    def describe_length(self) -> str:
+        t, steps = self.cfg.train, self.total_steps
+        shape = (f"{self.steps_per_epoch:,} steps/epoch, batch {t.batch_size} x {t.grad_accum} accum x "
+                 f"{self.accelerator.num_processes} proc = {self.tokens_per_batch * t.grad_accum:,} tokens/step")
+        if self.time_budget is not None:
+            return (f"train {len(self.train_blocks):,} blocks, {shape}; time budget {t.time_budget} "
+                    f"({self.time_budget.seconds:,.0f} s): the schedule follows the time spent")
+        if t.token_budget:
+            return (f"train {len(self.train_blocks):,} blocks, {shape}; token budget {parse_tokens(t.token_budget):,} "
+                    f"= {steps:,} steps ({steps / self.steps_per_epoch:.2f} epochs)")
+        return f"train {len(self.train_blocks):,} blocks, {shape} x {t.epochs} epochs = {steps:,} steps"
 
     def setup_resume_and_logging(self) -> None:
         cfg, accelerator = self.cfg, self.accelerator
@@ -219,22 +248,34 @@ class Trainer:
         sinks = [JsonlSink(self.run_dir, resume_step), *open_trackers(accelerator, cfg, self.run_dir, self.run_dir.name),
                  ConsoleSink(self.console)] if accelerator.is_main_process else []
         self.logger = MetricLogger(sinks)
-        self.tokens_per_batch = cfg.train.batch_size * cfg.data.block_size * accelerator.num_processes
-        self.console.print(
-            f"train {len(self.train_blocks):,} blocks, {self.steps_per_epoch:,} steps/epoch x {cfg.train.epochs} "
-            f"epochs = {self.total_steps:,} steps (batch {cfg.train.batch_size} x {cfg.train.grad_accum} accum x "
-            f"{accelerator.num_processes} proc)"
-            + (f", stopping at step {self.last_step}" if self.last_step < self.total_steps else ""))
+        self.console.print(self.describe_length())
+        if cfg.train.max_steps and self.last_step < (self.total_steps or math.inf):
+            self.console.print(self.early_stop_warning())
+
+    def early_stop_warning(self) -> str:
+        t = self.cfg.train
+        if self.total_steps is None:
+            return f"[yellow]warning: train.max_steps={t.max_steps} may stop the run before its time budget is spent[/yellow]"
+        left = self.scheduler.lr_lambdas[0](self.last_step)  # the schedule's multiplier where the run stops
+        return (f"[yellow]warning: train.max_steps={t.max_steps} stops the run at step {self.last_step:,} of its "
+                f"schedule's {self.total_steps:,} (the learning rate still at {left:.0%} of its peak); "
+                f"to fit the schedule to {self.last_step:,} steps, use --train.token_budget="
+                f"{self.last_step * self.tokens_per_batch * t.grad_accum} instead[/yellow]")
 
     def resume(self) -> None:
         """Continue from the checkpoint; refuse what cannot continue exactly or has nothing left to train."""
         accelerator = self.accelerator
         self.state = load_checkpoint(accelerator, self.resume_from)
         self.elapsed_before = self.state.elapsed_s
-        if self.state.step > self.last_step or (self.state.step == self.last_step and self.finished_before()):
-            hint = "start a new run" if self.state.step >= self.total_steps else "raise --train.max_steps"
-            raise ConfigError(f"run {self.run_dir} is already at step {self.state.step} of {self.last_step}: "
-                              f"nothing to train ({hint})")
+        if self.time_budget is not None:  # the budget continues where the checkpoint left it
+            self.time_budget = TimeBudget(self.time_budget.seconds, self.state.elapsed_s, self.state.step)
+        past_end = self.last_step is not None and self.state.step > self.last_step
+        if past_end or (self.at_last_step() and self.finished_before()):
+            at_schedule_end = self.total_steps is None or self.state.step >= self.total_steps
+            hint = "start a new run" if at_schedule_end else "raise --train.max_steps"
+            where = (f"step {self.state.step} of {self.last_step}" if self.last_step is not None
+                     else f"the end of its time budget ({self.cfg.train.time_budget})")
+            raise ConfigError(f"run {self.run_dir} is already at {where}: nothing to train ({hint})")
         for group in self.optimizer.param_groups:  # a compiled step's tensor lr comes back on the CPU
             if isinstance(group["lr"], torch.Tensor):
                 group["lr"] = group["lr"].to(accelerator.device)
@@ -259,11 +300,13 @@ class Trainer:
         """Train until the last step or a stop signal: one optimizer step, then whatever it makes due."""
         if self.cfg.train.eval_at_start and self.state.step == 0:
             self.evaluate()
-        self.console.start(total_steps=self.last_step, start_step=self.state.step)
+        if self.time_budget is not None:
+            self.time_budget.agree(self.accelerator, self.elapsed(), self.state.step)
+        self.console.start(*self.bar())
         self.model.train()
         self.meter.restart_clock()
         # A resumed run that had trained to its last step but not saved its model only saves it (finish).
-        for window in self.step_windows() if self.state.step < self.last_step else []:
+        for window in self.step_windows() if not self.at_last_step() else []:
             self.train_step(window)
             due = self.due()
             if due.log:
@@ -281,7 +324,8 @@ class Trainer:
 
     def step_windows(self):
         """The micro-batches of each optimizer step, from where the run stands to the end of the last epoch."""
-        while self.state.epoch < self.cfg.train.epochs:
+        budgeted = self.cfg.train.token_budget or self.time_budget  # as many epochs as the budget holds
+        while budgeted or self.state.epoch < self.cfg.train.epochs:
             self.train_loader.set_epoch(self.state.epoch)
             self.collator.set_epoch(self.state.epoch)
             # Mid-epoch resume: skip the batches already trained on without loading or computing them.
@@ -301,13 +345,28 @@ class Trainer:
         self.epoch_ended = state.batches_in_epoch >= len(self.train_loader)
         if self.epoch_ended:
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+        if self.time_budget is not None and (state.step % self.cfg.train.log_every == 0 or self.time_budget.needs_pace()):
+            self.time_budget.agree(self.accelerator, self.elapsed(), state.step)
         if self.is_log_step():  # the interval's one host sync, inside the timed region: the device catches up here
             self.skipped, self.longest_skip_run, _ = self.take_step.guard.read()  # the run in a row: saved by save()
         self.meter.add(result.totals, result.grad_norm, result.updated, self.tokens_per_batch * len(window))
-        self.console.advance(state.step)
+        self.console.advance(self.bar()[1])
 
     def is_log_step(self) -> bool:
-        return self.state.step % self.cfg.train.log_every == 0 or self.state.step == self.last_step
+        return self.state.step % self.cfg.train.log_every == 0 or self.at_last_step()
+
+    def at_last_step(self) -> bool:
+        """The last step of the run: its step count, or the one after which the time budget is spent
+        (decided alike on every process: see budget.TimeBudget)."""
+        step = self.state.step
+        return ((self.last_step is not None and step >= self.last_step)
+                or (self.time_budget is not None and self.time_budget.spent(step)))
+
+    def bar(self) -> tuple[int, int]:
+        """The progress bar's (total, completed): steps, or seconds of a time budget."""
+        if self.last_step is None:
+            return int(self.time_budget.seconds), int(self.time_budget.elapsed_at(self.state.step))
+        return self.last_step, self.state.step
 
     def due(self) -> Due:
         """What this step makes due. Log: every `log_every` steps and at the last step. Evaluate: every
@@ -316,7 +375,7 @@ class Trainer:
         loss (which `fit` learns from the evaluation). Stop: at the last step, or on a signal (agreed
         by all processes at a logging step)."""
         t, step = self.cfg.train, self.state.step
-        last = step >= self.last_step
+        last = self.at_last_step()
         log = self.is_log_step()
         interrupted = self.stop.agreed(self.accelerator, at_log_step=log)
         evaluate = (t.eval_every and step % t.eval_every == 0) or self.epoch_ended or last
@@ -407,10 +466,21 @@ class Trainer:
             "eval/loss": self.eval_metrics.get("eval/loss"), "eval/perplexity": self.eval_metrics.get("eval/perplexity"),
             "eval/accuracy": self.eval_metrics.get("eval/accuracy"),
             "eval/best_loss": state.best_eval_loss, "eval/best_perplexity": perplexity(state.best_eval_loss),
+            **self.budget_used(),
             "peak_lr/adamw": optim.lr, **({"peak_lr/muon": optim.muon_lr} if optim.name == "muon" else {}),
             "precision": "fp32" if precision == "no" else precision,
             "model_dir": str(model_dir) if model_dir else None,
         }
+
+    def budget_used(self) -> dict:
+        """The budget and how much of it the run used (a fraction), for the summary."""
+        t = self.cfg.train
+        if t.token_budget:
+            budget = parse_tokens(t.token_budget)
+            return {"budget/tokens": budget, "budget/used": self.state.tokens_seen / budget}
+        if self.time_budget is not None:
+            return {"budget/time_s": self.time_budget.seconds, "budget/used": self.elapsed() / self.time_budget.seconds}
+        return {}
 
     def close(self) -> None:
         """Release everything, also after an error; a run that failed before producing anything leaves no directory."""
