@@ -225,15 +225,16 @@ class Trainer:
 
     def describe_length(self) -> str:
         t, steps = self.cfg.train, self.total_steps
-        shape = (f"{self.steps_per_epoch:,} steps/epoch, batch {t.batch_size} x {t.grad_accum} accum x "
-                 f"{self.accelerator.num_processes} proc = {self.tokens_per_batch * t.grad_accum:,} tokens/step")
+        head = f"train {len(self.train_blocks):,} blocks, {self.steps_per_epoch:,} steps/epoch"
+        shape = (f"(batch {t.batch_size} x {t.grad_accum} accum x {self.accelerator.num_processes} proc = "
+                 f"{self.tokens_per_batch * t.grad_accum:,} tokens/step)")
         if self.time_budget is not None:
-            return (f"train {len(self.train_blocks):,} blocks, {shape}; time budget {t.time_budget} "
-                    f"({self.time_budget.seconds:,.0f} s): the schedule follows the time spent")
+            return (f"{head}; time budget {t.time_budget} ({self.time_budget.seconds:,.0f} s): the schedule follows "
+                    f"the time spent {shape}")
         if t.token_budget:
-            return (f"train {len(self.train_blocks):,} blocks, {shape}; token budget {parse_tokens(t.token_budget):,} "
-                    f"= {steps:,} steps ({steps / self.steps_per_epoch:.2f} epochs)")
-        return f"train {len(self.train_blocks):,} blocks, {shape} x {t.epochs} epochs = {steps:,} steps"
+            return (f"{head}; token budget {parse_tokens(t.token_budget):,} = {steps:,} steps "
+                    f"({steps / self.steps_per_epoch:.2f} epochs) {shape}")
+        return f"{head} x {t.epochs} epochs = {steps:,} steps {shape}"
 
     def setup_resume_and_logging(self) -> None:
         cfg, accelerator = self.cfg, self.accelerator
