@@ -384,7 +384,8 @@ def read_range(reader: Reader, where: str, key: str, kind: str, spec: dict) -> P
     wanted = {int, float} if kind == "int_uniform" else {float}
     if not inner & wanted:
         kinds = "int_uniform or values:" if int in inner else "values:"
-        raise reader.fail(where, f"{key} is {annotation}, not a number {kind} draws: use {kinds}")
+        type_name = " | ".join(getattr(t, "__name__", str(t)) for t in inner)
+        raise reader.fail(where, f"{key} takes {type_name}, not the numbers {kind} draws: use {kinds}")
     if kind == "int_uniform" and not all(isinstance(b, int) for b in (low, high)):
         raise reader.fail(where, f"int_uniform needs whole min and max (got {low}, {high})")
     return Param(key, kind, low=low, high=high, q=q)
