@@ -95,7 +95,7 @@ def test_a_sweep_prunes_records_a_failed_trial_and_reports(recipe, tmp_path):
     assert min(found[3].intermediate_values) == 5 * 8 * 32  # reported at tokens seen, from the first evaluation
 
     for text in ("trial 1 failed: optim.lr=0.0 must be positive", "trial 3 pruned at", "4 trials: ", " 1 failed",
-                 "best: trial 0", "report.html"):
+                 "best: trial 0", "report:"):
         assert text in result.stdout, text
     table = (sweep_dir / "trials.csv").read_text().splitlines()
     assert table[0] == "trial,state,optim.lr,best eval/perplexity,tokens,wall time (s),run,error"
@@ -112,7 +112,7 @@ def test_a_sweep_prunes_records_a_failed_trial_and_reports(recipe, tmp_path):
 def test_kill_9_of_the_driver_then_the_same_command_finishes_the_sweep(recipe, tmp_path):
     sweep_file = write_sweep(tmp_path / "k.yaml", recipe, """  optim.lr: {values: [0.003, 0.002]}
   train.epochs: {value: 30}
-  train.max_steps: {value: 600}
+  train.max_steps: {value: 400}
   train.eval_every: {value: 50}
   train.save_every: {value: 25}""", "name: killed")
     root = tmp_path / "runs"
@@ -132,9 +132,9 @@ def test_kill_9_of_the_driver_then_the_same_command_finishes_the_sweep(recipe, t
     assert len(trainer) == 1
     gone, alive = psutil.wait_procs(trainer, timeout=120)  # it checkpoints and exits: no orphan goes on training
     assert not alive
-    killed = json.loads((second / "summary.json").read_text())
-    killed_at = killed["step"]
-    assert killed["exit_code"] == 143 and 0 < killed_at < 600 and "launcher exited" in (sweep_dir / "logs" / "killed-trial-001.log").read_text()
+    killed, log = json.loads((second / "summary.json").read_text()), sweep_dir / "logs" / "killed-trial-001.log"
+    killed_at = killed["step"]  # its checkpoint: the trainer saw its parent die (SIGUSR1 from the kernel)
+    assert killed["exit_code"] == 143 and 0 < killed_at < 400 and "launcher exited" in log.read_text()
     first_metrics = (sweep_dir / "killed-trial-000" / "metrics.jsonl").read_bytes()
     assert [t.state.name for t in trials(sweep_dir)] == ["COMPLETE", "RUNNING"]
 
@@ -142,8 +142,8 @@ def test_kill_9_of_the_driver_then_the_same_command_finishes_the_sweep(recipe, t
     assert "trial 1 resumed from its checkpoint" in result.stdout and "trial 0 started" not in result.stdout
     assert [t.state.name for t in trials(sweep_dir)] == ["COMPLETE", "COMPLETE"]
     assert (sweep_dir / "killed-trial-000" / "metrics.jsonl").read_bytes() == first_metrics  # not run again
-    assert train_steps(second) == list(range(1, 601))  # continued from its checkpoint, every step once
-    assert f"resumed from {second}/checkpoints/step-{killed_at:06d}" in (sweep_dir / "logs" / "killed-trial-001.log").read_text()
+    assert train_steps(second) == list(range(1, 401))  # continued from its checkpoint, every step once
+    assert f"resumed from {second}/checkpoints/step-{killed_at:06d}" in log.read_text()
     assert sorted(p.name for p in sweep_dir.glob("killed-trial-*")) == ["killed-trial-000", "killed-trial-001"]
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(sweep_dir) in " ".join(p.info["cmdline"] or [])]
 
@@ -161,7 +161,7 @@ def assert_disjoint(sweep_dir: Path, lrs: list[float]) -> list:
 
 
 def test_two_workers_run_disjoint_trials_at_once(recipe, tmp_path):
-    lrs = [0.003, 0.002, 0.001]
+    lrs = [0.003, 0.002]
     sweep_file = write_sweep(tmp_path / "w.yaml", recipe, f"""  optim.lr: {{values: {lrs}}}
   train.max_steps: {{value: 10}}""")
     run_sweep(sweep_file, tmp_path / "runs", "--workers", "2")
