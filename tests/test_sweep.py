@@ -184,7 +184,8 @@ def test_two_drivers_on_one_study_run_disjoint_trials(recipe, tmp_path):
 
 
 BAD_INPUTS = {  # name: (parameters, extra top-level lines, what the one line names)
-    "unknown key": ("  optim.lrr: {values: [0.1, 0.2]}", "", "line 13: parameters.optim.lrr: not a config key; did you mean optim.lr?"),
+    "unknown key": ("  optim.lrr: {values: [0.1, 0.2]}", "",
+                    "line 13: parameters.optim.lrr: not a config key; did you mean optim.lr?"),
     "distribution": ("  optim.lr: {distribution: normal, mu: 0, sigma: 1}", "",
                      "parameters.optim.lr.distribution: normal has no Optuna counterpart"),
     "min above max": ("  optim.lr: {distribution: log_uniform_values, min: 0.1, max: 0.01}", "",
@@ -193,13 +194,15 @@ BAD_INPUTS = {  # name: (parameters, extra top-level lines, what the one line na
     "bad value": ("  train.batch_size: {values: [8, eight]}", "",
                   "parameters.train.batch_size.values: bad value for train.batch_size: 'eight' is not an integer"),
     "float range on an int": ("  train.batch_size: {distribution: uniform, min: 4, max: 32}", "",
-                              "parameters.train.batch_size: train.batch_size takes int, not the numbers uniform draws: use int_uniform"),
+                              "parameters.train.batch_size: train.batch_size takes int, not the numbers uniform "
+                              "draws: use int_uniform"),
     "metric": ("  optim.lr: {values: [0.1]}", "", "metric.name: 'eval/perplexit' is not in the trainer's evaluation "
                                                   "records (metrics.jsonl): did you mean eval/perplexity?"),
     "method": ("  optim.lr: {values: [0.1]}", "", "method: 'bayesian' is not one of grid, random, bayes"),
     "recipe": ("  optim.lr: {values: [0.1]}", "", "command: recipe missing.py does not exist"),
     "yaml": ("  optim.lr: {values: [0.1, 0.2}", "", "line 13, column 31: not valid YAML"),
-    "top-level key": ("  optim.lr: {values: [0.1]}", "recipe: recipes/scratch.py", "recipe: not a W&B sweep key"),
+    "top-level key": ("  optim.lr: {values: [0.1]}", "recipe: recipes/scratch.py",
+                      "recipe: not a key of W&B's sweep schema"),
     "no run cap": ("  optim.lr: {distribution: uniform, min: 0.001, max: 0.01}", "",
                    "a random sweep needs a bound: run_cap: in the file, or --trials N"),
     "early terminate": ("  optim.lr: {values: [0.1]}", "early_terminate: {type: hyperband, eta: 3}",
@@ -248,7 +251,8 @@ def test_the_command_the_wandb_agent_builds_trains(recipe, tmp_path, monkeypatch
     from trainer.sweep_spec import load_spec
 
     monkeypatch.chdir(REPO)
-    sweep_file = write_sweep(tmp_path / "agent.yaml", recipe, """  optim.lr: {distribution: log_uniform_values, min: 1.0e-4, max: 1.0e-2}
+    sweep_file = write_sweep(tmp_path / "agent.yaml", recipe, """\
+  optim.lr: {distribution: log_uniform_values, min: 1.0e-4, max: 1.0e-2}
   train.batch_size: {values: [4, 8]}
   optim.warmup_ratio: {distribution: uniform, min: 0.0, max: 0.2}
   model.zero_init_output: {values: [true, false]}

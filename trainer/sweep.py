@@ -6,6 +6,7 @@
 
 Everything lives in the sweep directory `runs/<name>/`:
 
+    sweep.yaml                    a copy of the file the study was started with
     study.journal                 Optuna's JournalStorage (file locks: any number of drivers, on machines sharing it)
     <name>-trial-NNN/             one ordinary run per trial: `python trainer/run.py RECIPE --key=value ...`
     logs/<name>-trial-NNN.log     what the trial's trainer printed
@@ -16,14 +17,15 @@ Everything lives in the sweep directory `runs/<name>/`:
 The driver reports each evaluation in the trial's metrics.jsonl to Optuna (step = tokens seen, so runs with
 different batch sizes are compared at equal tokens) and stops a trial its pruner prunes with SIGTERM (the
 trainer checkpoints, exits 143). A trial whose driver died (RUNNING in the journal, its claim lock free) is
-resumed from its run's checkpoint once its run lock is free, or started again if it has none.
+resumed from its run's checkpoint once its run lock is free, or started again if it has none. What one trial
+does is in trainer/sweep_trial.py, the table in trainer/sweep_report.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -33,54 +35,15 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.config import ConfigError, apply_overrides, load_recipe
-from trainer.console import fmt
-from trainer.rundir import SUMMARY_FILE, list_checkpoints, read_json, run_is_live
-from trainer.runtime import PR_SET_PDEATHSIG
-from trainer.sweep_report import best_of, read_records, report
-from trainer.sweep_spec import PROGRAM, SweepError, SweepSpec, load_spec
+from trainer.rundir import run_is_live
+from trainer.sweep_report import report
+from trainer.sweep_spec import SweepError, SweepSpec, load_spec
+from trainer.sweep_trial import Job, run_trial
 
-POLL_S = 0.5
 WAIT = "wait"  # next_job: nothing to start now, but a dead driver's trial is about to be free
-
-
-@dataclass
-class Job:
-    study: object  # optuna.Study with this trial's sampler and the sweep's pruner
-    trial: object  # optuna.trial.Trial
-    run_dir: Path
-    claim: int  # the claim lock's descriptor, held until the trial is recorded
-    resume: bool = False
-    reported: set = field(default_factory=set)  # steps (tokens) already reported to Optuna
-
-
-def die_with_parent_function():
-    """preexec_fn: the kernel sends the trial SIGTERM when the thread that started it dies (kill -9 of the driver).
-    The trainer later asks for SIGUSR1 instead, which it turns into a checkpoint and exit 143. Looked up here,
-    in the parent: the child, forked from a threaded process, only calls it."""
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    return lambda: prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
-
-
-def evaluations(run_dir: Path, metric: str) -> list[tuple[int, float]]:
-    """(tokens, value) of each evaluation record in the run's metrics.jsonl so far."""
-    return [(int(r["tokens"]), float(r[metric])) for r in read_records(run_dir)
-            if isinstance(r.get(metric), (int, float)) and "tokens" in r]
-
-
-def error_line(log: Path, start: int) -> str | None:
-    """The trainer's last `error: ...` line written to the log since `start`."""
-    try:
-        with open(log, errors="replace") as f:
-            f.seek(start)
-            lines = [line.strip() for line in f.read().splitlines()]
-    except OSError:
-        return None
-    errors = [line for line in lines if line.startswith("error: ")]
-    return errors[-1].removeprefix("error: ") if errors else None
 
 
 class Sweep:
@@ -103,12 +66,14 @@ class Sweep:
             self._storage = JournalStorage(JournalFileBackend(str(self.dir / "study.journal")))
         return self._storage
 
-    def study(self, seed: int):
-        """The study, with a sampler seeded for one trial: drivers sharing the study never draw alike."""
+    def study(self, number: int = 0):
+        """The study, with a sampler seeded for trial `number`: drivers sharing the study never draw alike. The seed
+        is hashed from (--seed, number): MT19937's first draws for seeds 0 and 3 are nearly the same numbers."""
         import optuna
 
-        return optuna.Study(study_name=self.spec.name, storage=self.storage, sampler=self.spec.sampler(seed),
-                            pruner=self.spec.pruner())
+        digest = hashlib.sha256(f"{self.seed}/{number}".encode()).digest()
+        return optuna.Study(study_name=self.spec.name, storage=self.storage, pruner=self.spec.pruner(),
+                            sampler=self.spec.sampler(int.from_bytes(digest[:4], "little")))
 
     def exists(self) -> bool:
         return (self.dir / "study.journal").is_file()
@@ -130,8 +95,8 @@ class Sweep:
                 shutil.copyfile(self.spec.path, self.dir / "sweep.yaml")
             elif stored != identity:
                 changed = sorted(k for k in identity if identity[k] != stored.get(k))
-                raise SweepError(f"{self.spec.path}: {', '.join(changed)} differ from the sweep in {self.dir} (its file is "
-                                 f"{self.dir / 'sweep.yaml'}); a changed sweep needs another name (name: in the file)")
+                raise SweepError(f"{self.spec.path}: {', '.join(changed)} differ from the sweep in {self.dir} (its "
+                                 f"file is {self.dir / 'sweep.yaml'}); a changed sweep needs another name (name:)")
 
     @contextmanager
     def locked(self):
@@ -174,7 +139,7 @@ class Sweep:
         from optuna.trial import TrialState
 
         with self.locked():
-            trials = self.study(self.seed).get_trials(deepcopy=False)
+            trials = self.study().get_trials(deepcopy=False)
             saving = False
             for frozen in trials:
                 if frozen.state != TrialState.RUNNING:
@@ -186,7 +151,7 @@ class Sweep:
                     os.close(claim)
                     saving = True
                     continue
-                study = self.study(self.seed + frozen.number)
+                study = self.study(frozen.number)
                 return Job(study, optuna.trial.Trial(study, frozen._trial_id), self.run_dir(frozen.number), claim,
                            resume=True, reported=set(frozen.intermediate_values))
             started = sum(t.state != TrialState.WAITING for t in trials)
@@ -194,7 +159,7 @@ class Sweep:
             point = next((p for p in self.spec.grid() if p not in taken), None) if self.spec.method == "grid" else {}
             if started >= cap or point is None:
                 return WAIT if saving else None
-            study = self.study(self.seed + len(trials))
+            study = self.study(len(trials))
             if point:
                 study.enqueue_trial(point)
             trial = study.ask()
@@ -212,108 +177,12 @@ class Sweep:
                     time.sleep(1.0)
                     continue
                 try:
-                    self.run_job(job)
+                    run_trial(self, job)
                 finally:
                     os.close(job.claim)
         except Exception as e:  # a bug, or the storage gone: stop the sweep, leave the trials resumable
             self.say(f"error: sweep worker: {type(e).__name__}: {e}")
             self.stop(signal.SIGTERM)
-
-    # ------------------------------------------------------------------ running one trial
-
-    def command(self, job: Job) -> list[str]:
-        run = [sys.executable, str(PROGRAM)]
-        if job.resume:
-            if list_checkpoints(job.run_dir):
-                return run + [f"--resume={job.run_dir}"]
-            shutil.rmtree(job.run_dir, ignore_errors=True)  # stopped before its first checkpoint: start it again
-        project = [f"--log.project={self.spec.project}"] if self.spec.project else []
-        return run + [self.spec.recipe, *self.spec.trial_args(job.trial.params), *self.extra, *project,
-                      f"--log.output_root={self.dir}", f"--log.run_name={job.run_dir.name}",
-                      f"--log.group={self.spec.name}"]
-
-    def run_job(self, job: Job) -> None:
-        number = job.trial.number
-        if job.resume and self.recover(job):
-            return
-        command = self.command(job)
-        log = self.dir / "logs" / f"{job.run_dir.name}.log"
-        start = log.stat().st_size if log.is_file() else 0
-        params = " ".join(f"{k}={v}" for k, v in job.trial.params.items())
-        self.say(f"trial {number} {'resumed from its checkpoint' if '--resume' in command[2] else 'started'}: "
-                 f"{params}  ({job.run_dir}, log {log})")
-        with open(log, "a") as out:
-            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True, preexec_fn=die_with_parent_function())
-        self.children.add(proc)
-        if self.stopping.is_set():  # the stop came while it was starting
-            proc.terminate()
-        pruned = self.watch(job, proc)
-        self.children.discard(proc)
-        self.record(job, proc.returncode, pruned, error_line(log, start))
-
-    def recover(self, job: Job) -> bool:
-        """A trial whose driver died after pruning it, or after its run finished: record it without running."""
-        if job.trial.user_attrs.get("stopped") == "pruned":
-            self.record(job, 143, True, None)
-            return True
-        try:
-            finished = read_json(job.run_dir / SUMMARY_FILE).get("status") == "finished"
-        except (OSError, ValueError):
-            finished = False
-        if finished:
-            self.record(job, 0, False, None)
-        return finished
-
-    def watch(self, job: Job, proc: subprocess.Popen) -> bool:
-        """Report each new evaluation until the trainer exits; SIGTERM it when the pruner says so."""
-        pruned = False
-        while True:
-            done = proc.poll() is not None
-            for tokens, value in evaluations(job.run_dir, self.spec.metric):
-                if tokens in job.reported:
-                    continue
-                job.trial.report(value, tokens)
-                job.reported.add(tokens)
-                if not (pruned or done or self.stopping.is_set()) and job.trial.should_prune():
-                    job.trial.set_user_attr("stopped", "pruned")
-                    self.say(f"trial {job.trial.number} pruned at {tokens:,} tokens ({self.spec.metric} {value:.4g}); "
-                             f"stopping its run (it checkpoints)")
-                    proc.terminate()
-                    pruned = True
-            if done:
-                return pruned
-            time.sleep(POLL_S)
-
-    def record(self, job: Job, exit_code: int, pruned: bool, error: str | None) -> None:
-        from optuna.trial import TrialState
-
-        number, metric = job.trial.number, self.spec.metric
-        if self.stopping.is_set() and not pruned and exit_code != 0:
-            self.say(f"trial {number} stopped (exit {exit_code}); the same command resumes it")
-            return
-        values = [v for _, v in evaluations(job.run_dir, metric)]
-        try:
-            summary = read_json(job.run_dir / SUMMARY_FILE)
-        except (OSError, ValueError):
-            summary = {}
-        for key in ("tokens", "time_s"):
-            if summary.get(key) is not None:
-                job.trial.set_user_attr(key, summary[key])
-        job.trial.set_user_attr("run_dir", str(job.run_dir))
-        job.trial.set_user_attr("exit_code", exit_code)
-        value = best_of(values, self.spec.goal)
-        if pruned:
-            job.study.tell(job.trial, state=TrialState.PRUNED)
-            self.say(f"trial {number} pruned (best {metric} {fmt(value)})")
-        elif exit_code == 0 and value is not None:
-            job.study.tell(job.trial, value)
-            self.say(f"trial {number} complete: best {metric} {value:.4g}")
-        else:
-            error = error or f"exit status {exit_code}" + ("" if values else ", no evaluation")
-            job.trial.set_user_attr("error", error)
-            job.study.tell(job.trial, state=TrialState.FAIL)
-            self.say(f"trial {number} failed: {error}")
 
     # ------------------------------------------------------------------ the whole sweep
 
@@ -373,7 +242,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--workers", type=int, default=1, help="trials run at once by this driver")
     parser.add_argument("--trials", type=int, default=None, help="bound on the trials of the study (all drivers "
                         "together; default the file's run_cap; a grid ends when it is exhausted)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the samplers (trial N draws with seed + N)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the samplers (trial N draws with a seed hashed from this and N)")
     parser.add_argument("--root", default="runs", help="where the sweep directory <root>/<name>/ lives")
     parser.add_argument("--report", action="store_true", help="print the table of trials and compare the best; "
                         "run nothing")

@@ -43,7 +43,7 @@ def best_of(values: list[float], goal: str) -> float | None:
 def trial_rows(sweep, target: float | None = None) -> list[dict]:
     """One row per trial of the study, read from the journal and from the trial's run directory."""
     spec, rows = sweep.spec, []
-    for trial in sweep.study(sweep.seed).get_trials(deepcopy=False):
+    for trial in sweep.study().get_trials(deepcopy=False):
         run_dir = sweep.run_dir(trial.number)
         records = read_records(run_dir)
         evals = [r for r in records if "eval/loss" in r]
@@ -71,7 +71,8 @@ def print_table(rows: list[dict], title: str) -> None:
     columns = list(dict.fromkeys(key for row in rows for key in row))
     table = Table(title=title)
     for column in columns:
-        table.add_column(escape(column), overflow="fold", justify="left" if column in ("state", "run", "error") else "right")
+        left = column in ("state", "run", "error")
+        table.add_column(escape(column), overflow="fold", justify="left" if left else "right")
     for row in rows:
         table.add_row(*(escape(fmt(row.get(column))) for column in columns))
     import sys
@@ -91,7 +92,7 @@ def best_runs(sweep, top: int) -> list:
     """The `top` complete trials, best first, as (trial, run directory)."""
     from optuna.trial import TrialState
 
-    done = [t for t in sweep.study(sweep.seed).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    done = [t for t in sweep.study().get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if (sweep.run_dir(t.number) / METRICS_FILE).is_file()]
     done.sort(key=lambda t: t.value, reverse=sweep.spec.goal == "maximize")
     return [(t, sweep.run_dir(t.number)) for t in done[:top]]

@@ -11,8 +11,8 @@
       train.max_steps: {value: 500}    # one value: the same override in every trial
     early_terminate: {type: hyperband, min_iter: 50000, eta: 3}   # min_iter in tokens (see sweep.py)
 
-`wandb sweep` refuses top-level keys outside its schema (it has `additionalProperties: false`), so the recipe
-travels in `command:` as the W&B agent runs it: `python trainer/run.py RECIPE --optim.lr=... ...`. Each
+W&B's sweep schema (wandb/sweeps, config/schema.json; the `sweeps` package behind `wandb sweep`) allows no
+top-level key of its own (`additionalProperties: false`), so the recipe travels in `command:`, as the W&B agent runs it: `python trainer/run.py RECIPE --optim.lr=... ...`. Each
 mistake is a `SweepError`: one line naming the file, the line and the key.
 """
 
@@ -221,7 +221,7 @@ def check_top_level(reader: Reader, data: dict) -> None:
             raise reader.fail(key, f"{UNSUPPORTED_KEYS[key]} are W&B-server features the local sweep does not run")
         if key not in READ_KEYS | IGNORED_KEYS:
             close = difflib.get_close_matches(str(key), sorted(READ_KEYS), n=1)
-            raise reader.fail(key, "not a W&B sweep key (`wandb sweep` refuses it too)"
+            raise reader.fail(key, "not a key of W&B's sweep schema"
                               + (f"; did you mean {close[0]}?" if close else f"; keys: {', '.join(sorted(READ_KEYS))}"))
 
 
@@ -279,7 +279,7 @@ def read_run_cap(reader: Reader, run_cap) -> int | None:
 
 
 def read_early_terminate(reader: Reader, stop) -> dict | None:
-    """W&B's hyperband (min_iter, or max_iter and s; eta), or `type: median` (ours; `wandb sweep` refuses it)."""
+    """W&B's hyperband (min_iter, or max_iter and s; eta), or `type: median` (ours: outside W&B's schema)."""
     if stop is None:
         return None
     kind = stop.get("type") if isinstance(stop, dict) else None
@@ -290,7 +290,8 @@ def read_early_terminate(reader: Reader, stop) -> dict | None:
     for key, value in stop.items():
         if key not in allowed[kind]:
             raise reader.fail(f"early_terminate.{key}", f"not a key of {kind}: {', '.join(sorted(allowed[kind]))}")
-        if key not in ("type", "strict") and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key not in ("type", "strict") and (not number or value < 0):
             raise reader.fail(f"early_terminate.{key}", f"{value!r} is not a number >= 0")
     if kind == "hyperband":
         if "min_iter" not in stop and not {"max_iter", "s"} <= set(stop):
