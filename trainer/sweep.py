@@ -50,7 +50,7 @@ class Sweep:
     def __init__(self, spec: SweepSpec, root: Path, extra: list[str], seed: int):
         self.spec, self.extra, self.seed = spec, extra, seed
         self.dir = Path(root) / spec.name
-        self.stopping, self.stop_signal = threading.Event(), None
+        self.stopping, self.stop_signal, self.crashed = threading.Event(), None, False
         self.children: set[subprocess.Popen] = set()
         self.print_lock = threading.Lock()
         self._storage = None
@@ -182,6 +182,7 @@ class Sweep:
                     os.close(job.claim)
         except Exception as e:  # a bug, or the storage gone: stop the sweep, leave the trials resumable
             self.say(f"error: sweep worker: {type(e).__name__}: {e}")
+            self.crashed = True
             self.stop(signal.SIGTERM)
 
     # ------------------------------------------------------------------ the whole sweep
@@ -210,7 +211,7 @@ class Sweep:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        return 128 + self.stop_signal if self.stop_signal else 0
+        return 1 if self.crashed else 128 + self.stop_signal if self.stop_signal else 0
 
 
 def trial_cap(spec: SweepSpec, trials: int | None) -> int:

@@ -43,12 +43,15 @@ def best_of(values: list[float], goal: str) -> float | None:
 def trial_rows(sweep, target: float | None = None) -> list[dict]:
     """One row per trial of the study, read from the journal and from the trial's run directory."""
     spec, rows = sweep.spec, []
-    for trial in sweep.study().get_trials(deepcopy=False):
+    with sweep.locked():  # no driver is claiming a trial while its claim is probed here
+        trials = sweep.study().get_trials(deepcopy=False)
+        interrupted = {t.number for t in trials if t.state.name == "RUNNING" and not sweep.claimed(t.number)}
+    for trial in trials:
         run_dir = sweep.run_dir(trial.number)
         records = read_records(run_dir)
         evals = [r for r in records if "eval/loss" in r]
         state = STATES.get(trial.state.name, trial.state.name.lower())
-        if state == "running" and not sweep.claimed(trial.number):
+        if trial.number in interrupted:
             state = "interrupted"
         row = {"trial": trial.number, "state": state, **trial.params,
                "best eval/perplexity": best_of([r.get("eval/perplexity") for r in evals], "minimize"),

@@ -76,7 +76,7 @@ class Param:
             return list(range(int(self.low), int(self.high) + 1))
         if self.kind == "q_uniform":
             count = int(math.floor((self.high - self.low) / self.q + 1e-9)) + 1
-            return [self.low + i * self.q for i in range(count)]
+            return [round(self.low + i * self.q, 12) for i in range(count)]  # 0.1 + 2 * 0.1 is 0.30000000000000004
         return None
 
 
