@@ -112,7 +112,7 @@ def report(sweep, top: int = 3, target: float | None = None) -> None:
     print_table(rows, f"sweep {sweep.spec.name}: {sweep.spec.method}, {sweep.spec.metric} ({sweep.spec.goal})")
     write_csv(rows, sweep.dir / "trials.csv")
     counts = {state: sum(row["state"] == state for row in rows) for state in dict.fromkeys(r["state"] for r in rows)}
-    print(f"{len(rows)} trials: " + ", ".join(f"{n} {state}" for state, n in counts.items())
+    print(f"{len(rows)} trial{'s' if len(rows) > 1 else ''}: " + ", ".join(f"{n} {state}" for state, n in counts.items())
           + f"; table: {sweep.dir / 'trials.csv'}")
     ranked = best_runs(sweep, top)
     if ranked:
