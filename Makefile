@@ -22,7 +22,8 @@ SHARED_DATA ?= ../shared/data
 export SHARED_DATA
 ARGS ?=
 RECIPE ?= recipes/scratch.py
-RUNS ?= $(shell ls -dt runs/*/ 2>/dev/null | grep -v -e runs/wandb/ -e runs/trackio/ | head -2)
+# The two newest runs (directories with a metrics.jsonl: not runs/wandb, runs/trackio or a sweep's directory)
+RUNS ?= $(shell for d in $$(ls -dt runs/*/ 2>/dev/null); do test -f $${d}metrics.jsonl && echo $$d; done | head -2)
 MODELS ?= $(addsuffix model,$(RUNS))
 
 # Multi-process configs leave the process count to the launcher; CPU multi-process runs say so explicitly.
@@ -33,7 +34,7 @@ LAUNCH_IN_SCRIPT = env $(if $(findstring cpu_,$(ACCEL_CONFIG)),ACCELERATE_USE_CP
 LAUNCH = exec $(LAUNCH_IN_SCRIPT)
 OFFLINE = $$($(PY) -m trainer.hub $(1) $(ARGS))
 
-.PHONY: install scratch scratch-tuned scratch-fast finetune train tokenizer test test-browser bench bench-data gpu-check bench-plain ablate compare fillmask \
+.PHONY: install scratch scratch-tuned scratch-fast finetune train tokenizer test test-browser bench bench-data gpu-check bench-plain ablate compare fillmask sweep \
 	evaluate dashboard clean
 
 install: $(VENV)/.installed
@@ -78,6 +79,12 @@ test-browser: install
 # Every run under runs/ in trackio's dashboard: http://127.0.0.1:7860 (PORT=...)
 dashboard: install
 	$(PY) -m trainer.dashboard --runs runs $(if $(PORT),--port $(PORT)) $(ARGS)
+
+# A local, resumable sweep (W&B's sweep file, run by Optuna): make sweep SWEEP=sweeps/fewest_tokens.yaml ARGS="--workers 2"
+# (the offline data overrides go to every trial; ARGS="--report" prints the table of trials)
+sweep: install
+	@test -n "$(SWEEP)" || { echo "error: make sweep needs SWEEP=sweeps/<name>.yaml"; exit 2; }
+	$(PY) -m trainer.sweep $(SWEEP) $(call OFFLINE,scratch) $(ARGS)
 
 # The README's ablation (1M-token runs, one after the other): make ablate ARGS="--variant name=--optim.lr=2e-3"
 ablate: install

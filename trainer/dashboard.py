@@ -1,4 +1,4 @@
-"""A local dashboard of every run under `runs/`: trackio's browser UI, offline, on loopback.
+"""A local dashboard of every run under `runs/` (a sweep's trials too): trackio's browser UI, offline, on loopback.
 
     python -m trainer.dashboard                  # or: make dashboard; then open http://127.0.0.1:7860
     python -m trainer.dashboard --sync-only      # fill the store without serving
@@ -23,6 +23,13 @@ def use_store(runs_root: Path) -> None:
     os.environ.setdefault("TRACKIO_DIR", str(Path(runs_root).resolve() / "trackio"))
 
 
+def run_metrics_files(runs_root: Path) -> list[Path]:
+    """metrics.jsonl of every run: runs/<run>/ and a sweep's trials, runs/<sweep>/<sweep>-trial-NNN/ (their names
+    are unique: the sweep's name is in them)."""
+    root = Path(runs_root)
+    return sorted([*root.glob(f"*/{METRICS_FILE}"), *root.glob(f"*/*/{METRICS_FILE}")])
+
+
 def sync(runs_root: Path, project: str) -> list[str]:
     """Replay the runs that trackio does not have yet; returns their names."""
     use_store(runs_root)
@@ -31,7 +38,7 @@ def sync(runs_root: Path, project: str) -> list[str]:
 
     known = set(SQLiteStorage.get_runs(project)) if project in SQLiteStorage.get_projects() else set()
     added = []
-    for metrics_file in sorted(Path(runs_root).glob(f"*/{METRICS_FILE}")):
+    for metrics_file in run_metrics_files(runs_root):
         run_name = metrics_file.parent.name
         records = read_jsonl(metrics_file)
         if run_name in known or not records:

@@ -142,6 +142,22 @@ class RunLock:
             self.fd = None
 
 
+def run_is_live(run_dir: Path) -> bool:
+    """Whether a process holds the run's lock (is training it), asked without taking the lock for longer than
+    the question (a shared lock, which an exclusive holder refuses) and without writing anything."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 # --------------------------------------------------------------------------- finding a run to resume
 
 
