@@ -271,7 +271,8 @@ class Trainer:
         if self.time_budget is not None:  # the budget continues where the checkpoint left it
             self.time_budget = TimeBudget(self.time_budget.seconds, self.state.elapsed_s, self.state.step)
         past_end = self.last_step is not None and self.state.step > self.last_step
-        if past_end or (self.at_last_step() and self.finished_before()):
+        finished = self.finished_before()  # a time budget's end is where it ended: a checkpoint's clock may stop short
+        if past_end or (finished and (self.at_last_step() or finished.get("ended_by") == "time_budget")):
             at_schedule_end = self.total_steps is None or self.state.step >= self.total_steps
             hint = "start a new run" if at_schedule_end else "raise --train.max_steps"
             where = (f"step {self.state.step} of {self.last_step}" if self.last_step is not None
@@ -286,14 +287,15 @@ class Trainer:
         self.console.print(f"resumed from {self.resume_from} at step {self.state.step} (epoch "
                            f"{self.state.epoch + 1}, batch {self.state.batches_in_epoch})")
 
-    def finished_before(self) -> bool:
-        """Whether an earlier session finished at this step (its model saved whole). If not, a run at its
-        last step has only its model to save, which finish() does."""
+    def finished_before(self) -> dict | None:
+        """The summary of an earlier session that finished at this step (its model saved whole), if any. If
+        none, a run at its last step has only its model to save, which finish() does."""
         try:
             summary = read_json(self.run_dir / SUMMARY_FILE)
         except (OSError, ValueError):
-            return False
-        return summary.get("status") == "finished" and summary.get("step", summary.get("steps")) == self.state.step
+            return None
+        finished = summary.get("status") == "finished" and summary.get("step", summary.get("steps")) == self.state.step
+        return summary if finished else None
 
     # ------------------------------------------------------------------ fit
 
@@ -458,6 +460,7 @@ class Trainer:
         precision = self.accelerator.mixed_precision
         return {
             "run_id": self.run_dir.name, "recipe": self.cfg.name, "status": status, "exit_code": exit_code,
+            **({"ended_by": self.ended_by()} if status == "finished" else {}),
             "parameters": self.n_params, "step": state.step, "epoch": self.epoch(), "tokens": state.tokens_seen,
             "time_s": self.elapsed(), "train_time_s": meter.session_seconds,
             "train/tokens_per_s": meter.session_tokens_per_s,
@@ -472,6 +475,15 @@ class Trainer:
             "precision": "fp32" if precision == "no" else precision,
             "model_dir": str(model_dir) if model_dir else None,
         }
+
+    def ended_by(self) -> str:
+        """What ended a finished run: its time budget, train.max_steps, or the length it was planned for."""
+        t, step = self.cfg.train, self.state.step
+        if self.time_budget is not None and self.time_budget.spent(step):
+            return "time_budget"
+        if t.max_steps and step >= t.max_steps and step < (self.total_steps or math.inf):
+            return "max_steps"
+        return "token_budget" if t.token_budget else "epochs"
 
     def budget_used(self) -> dict:
         """The budget and how much of it the run used (a fraction), for the summary."""
